@@ -1,0 +1,42 @@
+"""Argument checks shared by the kernels: every bad input is a ValueError that names
+what was expected and what came in. No asserts (they vanish under ``python -O``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def require_float(name: str, x, *, op: str) -> None:
+    """Raise unless ``x`` has a floating dtype (f32, bf16, f16 or f64)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{op}: {name} must have a floating dtype (float32, bfloat16, float16), "
+            f"got {dtype_name(x.dtype)} with shape {tuple(x.shape)}"
+        )
+
+
+def require_choice(name: str, value, choices: Sequence, *, op: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def require_ndim(name: str, x, ndim: int, *, op: str, letters: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{op}: {name} must have shape [{','.join(letters)}] ({ndim} dims), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def require_positive(name: str, value, *, op: str) -> None:
+    if not (value > 0):
+        raise ValueError(f"{op}: {name} must be > 0, got {value!r}")

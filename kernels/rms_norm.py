@@ -1,0 +1,88 @@
+"""RMSNorm, in the three rounding recipes that HuggingFace models use.
+
+Every recipe computes the statistic in float32, whatever the input dtype:
+
+    var = mean(float32(x) ** 2, axis=-1)          # f32 accumulation
+    y   = float32(x) * rsqrt(var + eps)           # rsqrt, never 1/sqrt(...)
+
+They differ only in where the weight is applied and where the result is rounded:
+
+``"hf"`` (Qwen2, Llama, Mistral, Qwen3: ``Qwen2RMSNorm``)
+    ``weight * y.astype(x.dtype)``. The normalised value is rounded to the input dtype
+    *first*, then multiplied by the weight with torch-style type promotion: a bf16 weight
+    on bf16 input gives bf16 (a second rounding); a float32 weight on bf16 input gives a
+    float32 result.
+``"gemma"`` (Gemma 1/2/3: ``GemmaRMSNorm``)
+    ``(y * (1 + float32(weight))).astype(x.dtype)``: the weight is stored as an offset
+    from 1, applied in float32, and the result is rounded once, to the input dtype.
+``"fp32_weight"`` (OLMo 2/3, GPT-OSS, FlexOlmo)
+    ``(float32(weight) * y).astype(x.dtype)``: weight applied in float32, rounded once.
+
+The statistic is per row of the last axis; all leading axes are batch axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels._checks import require_choice, require_float, require_positive
+
+RECIPES = ("hf", "gemma", "fp32_weight")
+
+
+def torch_rsqrt(v: jax.Array) -> jax.Array:
+    """float32 rsqrt rounded as torch rounds it on each platform.
+
+    torch's CPU kernel computes ``1 / sqrt(v)`` (two roundings, up to ~1.5 ulp from the
+    exact value); XLA would rewrite that into its own ``rsqrt`` (one rounding), so on CPU
+    the sqrt is hidden behind an optimisation barrier to keep the two roundings. On GPU
+    both torch and XLA call the CUDA ``rsqrtf`` intrinsic, so ``lax.rsqrt`` is used.
+    """
+    return jax.lax.platform_dependent(
+        v,
+        cpu=lambda a: 1.0 / jax.lax.optimization_barrier(jnp.sqrt(a)),
+        default=jax.lax.rsqrt,
+    )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str = "hf") -> jax.Array:
+    """Normalise ``x[..., D]`` by its root mean square and scale by ``weight[D]``.
+
+    Args:
+      x: activations ``[..., D]``, float32 / bfloat16 / float16.
+      weight: scale ``[D]`` (for ``"gemma"``, the offset from 1).
+      eps: added to the mean square before the rsqrt. Use the model's ``rms_norm_eps``
+        (Qwen2.5: 1e-6); a wrong eps is a real, measurable bug for rows whose
+        mean square is near eps.
+      recipe: ``"hf"``, ``"gemma"`` or ``"fp32_weight"`` (see the module docstring).
+
+    Returns:
+      ``"hf"``: dtype ``promote(weight.dtype, x.dtype)`` (torch's promotion rule, which
+      JAX shares for these dtypes); ``"gemma"`` / ``"fp32_weight"``: ``x.dtype``.
+      NaN or inf in a row propagates to that row's output; nothing is replaced.
+    """
+    require_float("x", x, op="rms_norm")
+    require_float("weight", weight, op="rms_norm")
+    require_choice("recipe", recipe, RECIPES, op="rms_norm")
+    require_positive("eps", eps, op="rms_norm")
+    if x.ndim < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"rms_norm: weight must have shape [D] = ({x.shape[-1] if x.ndim else '?'},) "
+            f"to match the last dim of x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    # The statistic is always computed in float32: a bf16/f16 sum of squares loses
+    # the row's scale (and overflows f16 above |x| ~ 256).
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)  # [..., 1]
+    y = xf * torch_rsqrt(var + jnp.float32(eps))  # f32 [..., D]
+    if recipe == "hf":
+        # Round the normalised value to the input dtype before the weight, as
+        # Qwen2RMSNorm does; the product then follows torch-style promotion.
+        out_dtype = jnp.promote_types(weight.dtype, x.dtype)
+        return weight.astype(out_dtype) * y.astype(x.dtype).astype(out_dtype)
+    if recipe == "gemma":
+        # Gemma applies (1 + w) in float32 and rounds once at the end.
+        return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    # fp32_weight: the weight is upcast (torch promotes bf16 * f32 to f32), one rounding.
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)

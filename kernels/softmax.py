@@ -1,0 +1,64 @@
+"""Softmax, always carried out in float32, with an optional boolean mask.
+
+Recipe, for input ``x`` of any float dtype (this is transformers' eager recipe
+``softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)``, plus a mask):
+
+    xf  = float32(x)                          # upcast: bf16/f16 exp and sums lose the tail
+    m   = max(xf[visible])                    # row max over visible entries only
+    e   = exp(xf - m), exactly 0 where masked
+    p   = e * (1 / sum(e))                    # reciprocal-then-multiply, as torch's CPU kernel
+    out = p.astype(x.dtype)                   # one rounding, at the end
+
+Masked entries are exactly 0. A row with no visible entry is all zeros (never NaN,
+never the uniform average that an additive ``finfo.min`` mask gives). NaN in a
+visible entry makes its row NaN; NaN in a masked entry has no effect.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels._checks import require_float
+
+
+def softmax(x: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+    """Softmax of ``x`` along ``axis``, computed in float32, returned in ``x.dtype``.
+
+    Args:
+      x: scores, any shape, float32 / bfloat16 / float16.
+      axis: the axis to normalise over.
+      where: optional boolean mask broadcastable to ``x.shape``; True means visible.
+
+    Returns:
+      An array of ``x``'s shape and dtype. Masked entries are exactly 0; rows with no
+      visible entry are all 0.
+    """
+    require_float("x", x, op="softmax")
+    if not -x.ndim <= axis < max(x.ndim, 1):
+        raise ValueError(f"softmax: axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
+    # Always in float32 (jax.nn's rule and HF's dtype=torch.float32): in bf16 the
+    # row sum keeps 8 bits and the normalised tail collapses.
+    xf = x.astype(jnp.float32)
+    if where is None:
+        m = jnp.max(xf, axis=axis, keepdims=True)
+        e = jnp.exp(xf - m)
+        return (e * (1.0 / jnp.sum(e, axis=axis, keepdims=True))).astype(x.dtype)
+
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise ValueError(f"softmax: where must be a boolean mask, got dtype {where.dtype}")
+    try:
+        jnp.broadcast_shapes(where.shape, x.shape)
+        where = jnp.broadcast_to(where, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"softmax: where of shape {tuple(where.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+        ) from None
+    visible_row = jnp.any(where, axis=axis, keepdims=True)
+    # Masked entries become -inf so that they can neither be the max nor carry a NaN in.
+    m = jnp.max(jnp.where(where, xf, -jnp.inf), axis=axis, keepdims=True)
+    m = jnp.where(visible_row, m, 0.0)  # a fully masked row would give -inf - -inf = NaN
+    e = jnp.where(where, jnp.exp(jnp.where(where, xf, m) - m), 0.0)
+    s = jnp.where(visible_row, jnp.sum(e, axis=axis, keepdims=True), 1.0)
+    return (e * (1.0 / s)).astype(x.dtype)

@@ -1,0 +1,227 @@
+"""``parity``: the command-line face of the oracle side.
+
+  parity check    sweep op x dtype (x recipe), print worst measures against tolerances.yaml;
+                  exit 1 on any breach
+  parity mutants  swap each registered bug class in for the real kernel, run that op's
+                  tests, print killed / survived; exit 1 if any survives
+  parity repro    rerun one case from the JSON a failure printed, and show every judgment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+EXIT_BREACH = 1
+EXIT_USAGE = 2
+
+
+def _ops(arg: list[str] | None) -> list[str]:
+    from oracles.registry import OP_NAMES
+
+    if not arg:
+        return list(OP_NAMES)
+    names = [n for a in arg for n in a.split(",") if n]
+    unknown = [n for n in names if n not in OP_NAMES]
+    if unknown:
+        raise SystemExit(f"parity: unknown op(s) {unknown}; known ops: {list(OP_NAMES)}")
+    return names
+
+
+def _dtypes(arg: list[str] | None) -> list[str]:
+    from oracles.strategies import DTYPES
+
+    if not arg:
+        return list(DTYPES)
+    names = [n for a in arg for n in a.split(",") if n]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"parity: unknown dtype(s) {unknown}; known dtypes: {list(DTYPES)}")
+    return names
+
+
+def _load_tolerances(path):
+    from oracles import budgets
+
+    try:
+        return budgets.load(path)
+    except budgets.BudgetError as e:
+        raise SystemExit(f"parity: {e}") from None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def cmd_check(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from oracles.jaxsetup import configure_jax
+    from oracles.registry import backend
+    from oracles.sweep import sweep
+
+    configure_jax()
+    tol = _load_tolerances(args.tolerances)
+    ops, dts = _ops(args.ops), _dtypes(args.dtypes)
+    console = Console(stderr=False)
+    rows = []
+    t0 = time.perf_counter()
+    with Progress(console=Console(stderr=True), transient=True, disable=args.json) as prog:
+        task = prog.add_task("sweeping", total=len(ops) * len(dts) * args.examples)
+        for op in ops:
+            for dt in dts:
+                prog.update(task, description=f"{op} {dt}")
+                got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol,
+                            on_case=lambda _c: prog.advance(task))
+                rows.extend(got[k] for k in sorted(got, key=str))
+    elapsed = time.perf_counter() - t0
+    breach = any(not r.passed for r in rows)
+    if args.json:
+        print(json.dumps({"backend": backend(), "seed": args.seed, "examples": args.examples, "elapsed_s": elapsed,
+                          "passed": not breach,
+                          "rows": [{"op": r.op, "dtype": r.dtype, "recipe": r.recipe, "examples": r.examples,
+                                    "failures": r.failures, "measured": r.measured, "budget": r.budget,
+                                    "first_failure": r.first_failure} for r in rows]}, indent=1))
+        return EXIT_BREACH if breach else 0
+    table = Table(title=f"parity check: {backend()}, seed {args.seed}, {args.examples} examples per op x dtype")
+    for col in ("op", "dtype", "recipe", "n", "parity ulps", "mismatch %", "accuracy ratio", "other", "result"):
+        table.add_column(col, justify="right" if col not in ("op", "dtype", "recipe", "other") else "left")
+    for r in rows:
+        m, b = r.measured, r.budget
+
+        def pair(key, scale=1.0):
+            if key not in m:
+                return "-"
+            return f"{_fmt(m[key] * scale)} / {_fmt(b.get(key, float('nan')) * scale)}"
+
+        other = [f"{k} {_fmt(v)}/{_fmt(b.get(k))}" for k, v in m.items()
+                 if not k.startswith(("parity.", "accuracy.")) and k in b and b.get(k) != 0]
+        bad_kinds = [k for k, ok in r.ok.items() if not ok]
+        table.add_row(r.op, r.dtype, r.recipe or "-", str(r.examples), pair("parity.max_ulps"),
+                      pair("parity.mismatch_frac", 100), pair("accuracy.ratio"), "; ".join(other),
+                      "[green]pass[/]" if r.passed else f"[red]FAIL[/] ({', '.join(bad_kinds)})")
+    console.print(table)
+    console.print(f"measured / budget; {len(rows)} rows in {elapsed:.1f} s; tolerances: {tol.path}")
+    for r in rows:
+        if not r.passed:
+            console.print(f"\n[red]{r.key}: {r.failures} of {r.examples} cases over budget; first:[/]")
+            console.print(r.first_failure, markup=False, highlight=False)
+    return EXIT_BREACH if breach else 0
+
+
+def _repo_root() -> Path:
+    here = Path.cwd()
+    if (here / "tests").is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent
+
+
+def cmd_mutants(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from oracles.registry import MUTANT_ENV, mutants
+
+    root = _repo_root()
+    jobs = []
+    for op in _ops(args.ops):
+        test = root / "tests" / f"test_{op}.py"
+        if not test.exists():
+            raise SystemExit(f"parity: no test file {test} for op {op}")
+        for name in mutants(op):
+            jobs.append((op, name, test))
+
+    def run(job):
+        op, name, test = job
+        env = dict(os.environ, **{MUTANT_ENV: f"{op}:{name}"})
+        cmd = [sys.executable, "-m", "pytest", str(test), "-x", "-q", "--no-header", "-p", "no:cacheprovider",
+               f"--hypothesis-profile={args.profile}"]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        failed = [ln for ln in p.stdout.splitlines() if ln.startswith("FAILED")]
+        return op, name, p.returncode, time.perf_counter() - t0, (failed[0] if failed else p.stdout[-400:])
+
+    console = Console()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(run, jobs))
+    table = Table(title=f"parity mutants ({args.profile} profile)")
+    for col in ("op", "mutant", "verdict", "s", "first failing test"):
+        table.add_column(col)
+    survived = errors = 0
+    for op, name, rc, secs, detail in results:
+        if rc == 1:
+            verdict = "[green]killed[/]"
+        elif rc == 0:
+            verdict, survived = "[red]SURVIVED[/]", survived + 1
+        else:
+            verdict, errors = f"[yellow]error (pytest exit {rc})[/]", errors + 1
+        table.add_row(op, name, verdict, f"{secs:.0f}", detail.replace("FAILED ", "")[:90])
+    console.print(table)
+    killed = len(results) - survived - errors
+    console.print(f"{killed}/{len(results)} killed, {survived} survived, {errors} errors")
+    return EXIT_BREACH if (survived or errors) else 0
+
+
+def cmd_repro(args) -> int:
+    from oracles.jaxsetup import configure_jax
+    from oracles.registry import Case, run_case
+
+    configure_jax()
+    try:
+        case = Case.from_json(args.case)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"parity repro: cannot read the case JSON ({e}); pass the text after 'parity repro'") from None
+    tol = _load_tolerances(args.tolerances)
+    _, budget, js = run_case(case, tol)
+    print(f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] shapes {case.shapes} budget {budget.key_path}")
+    for j in js:
+        print()
+        print(j.message(header=" ", reproducer=""))
+    return 0 if all(j.ok for j in js) else EXIT_BREACH
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="measure every op x dtype against tolerances.yaml")
+    c.add_argument("--ops", nargs="*", help="ops to check (default: all)")
+    c.add_argument("--dtypes", nargs="*", help="dtypes (default: float32 bfloat16 float16)")
+    c.add_argument("--examples", type=int, default=20, help="cases per op x dtype (default 20)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--tolerances", default=None, help="path of tolerances.yaml")
+    c.set_defaults(fn=cmd_check)
+
+    m = sub.add_parser("mutants", help="prove the tests kill every registered bug class")
+    m.add_argument("--ops", nargs="*")
+    m.add_argument("--profile", default="ci", help="hypothesis profile for the test runs (default ci)")
+    m.add_argument("--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
+    m.set_defaults(fn=cmd_mutants)
+
+    r = sub.add_parser("repro", help="rerun one case from a failure's reproducer line")
+    r.add_argument("case", help="the case JSON printed after 'parity repro'")
+    r.add_argument("--tolerances", default=None)
+    r.set_defaults(fn=cmd_repro)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Softmax bug classes the suite must kill."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _masked(x, where, axis, e_fn):
+    if where is None:
+        return e_fn(x)
+    where = jnp.broadcast_to(where, x.shape)
+    xm = jnp.where(where, x, jnp.asarray(-jnp.inf, x.dtype))
+    p = e_fn(xm)
+    return jnp.where(where & jnp.any(where, axis=axis, keepdims=True), p, 0).astype(x.dtype)
+
+
+def input_dtype(x, *, axis=-1, where=None):
+    """Max, exp and sum kept in the input dtype (bf16 scores; jax.nn without the upcast)."""
+
+    def f(v):
+        m = jnp.max(v, axis=axis, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0)
+        e = jnp.exp(v - m)
+        return e / jnp.sum(e, axis=axis, keepdims=True)
+
+    return _masked(x, where, axis, f)
+
+
+def no_max_subtraction(x, *, axis=-1, where=None):
+    """exp(x) / sum(exp(x)) in f32: overflows for scores above ~88."""
+
+    def f(v):
+        e = jnp.exp(v.astype(jnp.float32))
+        return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+
+    return _masked(x, where, axis, f)
+
+
+MUTANTS = {"input_dtype": input_dtype, "no_max_subtraction": no_max_subtraction}

@@ -1,0 +1,173 @@
+"""The op registry: the one list of ops that the tests and the ``parity`` CLI both walk.
+
+Each op has one name used in ``kernels/<op>.py``, ``oracles/<op>.py``,
+``tests/test_<op>.py``, ``oracles/mutants/<op>.py`` and as a key of tolerances.yaml.
+Its oracle module exports a ``HARNESS`` (how to draw a case, build inputs, and run the
+kernel, the oracle and the float64 truth on it); its mutants module exports
+``MUTANTS``, the bug classes the tests must kill.
+
+``active_kernel(op)`` is what tests call: it returns the real kernel, or the mutant
+named by ``$PARITY_MUTANT=op:name`` (set by ``parity mutants``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from oracles import compare
+
+# The ops, in the order reports list them. Adding an op: kernels/<op>.py,
+# oracles/<op>.py (oracle + HARNESS), oracles/mutants/<op>.py, tests/test_<op>.py,
+# a tolerances.yaml entry, and its name here.
+OP_NAMES: tuple[str, ...] = ("rms_norm", "softmax")
+MUTANT_ENV = "PARITY_MUTANT"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn example: everything needed to rebuild its inputs and rerun it."""
+
+    op: str
+    dtype: str
+    shapes: dict
+    kwargs: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> str | None:
+        return self.kwargs.get("recipe")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=list)
+
+    @classmethod
+    def from_json(cls, text: str) -> Case:
+        d = json.loads(text)
+        d["shapes"] = {k: tuple(v) for k, v in d["shapes"].items()}
+        return cls(**d)
+
+    def reproducer(self) -> str:
+        return f"parity repro {shlex.quote(self.to_json())}"
+
+
+@dataclass
+class Outcome:
+    """The three answers to one case, as float64-exact numpy arrays of the output dtype."""
+
+    kernel: np.ndarray
+    oracle: np.ndarray
+    truth: np.ndarray
+    out_dtype: str
+    inputs: dict = field(default_factory=dict)
+    kernel_dtype: str = ""
+    kernel_shape: tuple = ()
+    # The dtype whose ulps measure parity: the output dtype, unless the result is a
+    # coarser value carried in a wider type (HF RMSNorm rounds to bf16, then a float32
+    # weight promotes the product to float32: its precision is bf16's).
+    ulp_dtype: str = ""
+
+
+@dataclass(frozen=True)
+class Harness:
+    """How the registry drives one op (defined at the bottom of ``oracles/<op>.py``).
+
+    cases:      a hypothesis strategy of ``Case``.
+    evaluate:   ``(case, kernel_fn) -> Outcome``: build inputs, run kernel / oracle / truth.
+    properties: ``(case, outcome, budget) -> list[Judgment]``: the op's exact checks.
+    kernel:     the real JAX kernel (what mutants replace).
+    """
+
+    cases: Callable
+    evaluate: Callable
+    kernel: Callable
+    properties: Callable | None = None
+
+
+def harness(op: str) -> Harness:
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r} (known: {list(OP_NAMES)})")
+    return importlib.import_module(f"oracles.{op}").HARNESS
+
+
+def mutants(op: str) -> dict[str, Callable]:
+    return importlib.import_module(f"oracles.mutants.{op}").MUTANTS
+
+
+def active_kernel(op: str) -> Callable:
+    """The kernel tests must call: the real one, or the mutant ``$PARITY_MUTANT`` names."""
+    sel = os.environ.get(MUTANT_ENV, "")
+    if sel:
+        mop, _, name = sel.partition(":")
+        if mop == op:
+            table = mutants(op)
+            if name not in table:
+                raise ValueError(f"{MUTANT_ENV}={sel}: no mutant {name!r} for {op} (known: {sorted(table)})")
+            return table[name]
+    return harness(op).kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_cached(fn, static_items):
+    import jax
+
+    return jax.jit(functools.partial(fn, **dict(static_items)))
+
+
+def jitted(fn: Callable, **static) -> Callable:
+    """``jax.jit(partial(fn, **static))``, compiled once per (fn, options) per process.
+
+    The options must be hashable (numbers, strings, tuples, None): they are part of the
+    cache key, exactly as they would be for ``jax.jit(static_argnames=...)``.
+    """
+    return _jit_cached(fn, tuple(sorted(static.items())))
+
+
+def backend() -> str:
+    import jax
+
+    return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+
+
+def judge_case(case: Case, outcome: Outcome, budget) -> list[compare.Judgment]:
+    """All judgments of one case: dtype/shape kept, parity, accuracy, finiteness, properties."""
+    dt = outcome.out_dtype
+    js: list[compare.Judgment] = []
+    kept = outcome.kernel_dtype == dt and tuple(outcome.kernel_shape) == tuple(outcome.oracle.shape)
+    js.append(compare.Judgment(
+        "dtype_shape", kept, {}, {},
+        f"kernel returned {outcome.kernel_dtype}{list(outcome.kernel_shape)}, "
+        f"oracle {dt}{list(outcome.oracle.shape)}"))
+    if not kept:
+        return js
+    udt = outcome.ulp_dtype or dt
+    js.append(compare.judge_parity(outcome.kernel, outcome.oracle, dtype=udt, budget=budget.parity, truth=outcome.truth))
+    js.append(compare.judge_accuracy(outcome.kernel, outcome.oracle, outcome.truth, dtype=udt, budget=budget.accuracy))
+    js.append(compare.judge_finite(outcome.kernel, outcome.truth, dtype=dt))
+    props = harness(case.op).properties
+    if props is not None:
+        js.extend(props(case, outcome, budget))
+    return js
+
+
+def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str | None = None):
+    """Evaluate and judge one case. Returns ``(outcome, budget, judgments)``."""
+    h = harness(case.op)
+    outcome = h.evaluate(case, kernel if kernel is not None else active_kernel(case.op))
+    budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe)
+    return outcome, budget, judge_case(case, outcome, budget)
+
+
+def check_case(case: Case, tolerances, *, kernel: Callable | None = None) -> list[compare.Judgment]:
+    """Run one case and raise ``NumericsError`` (an AssertionError) on any failed judgment."""
+    _, budget, js = run_case(case, tolerances, kernel=kernel)
+    header = f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] ({budget.key_path}): "
+    compare.require(js, header=header, reproducer=case.reproducer())
+    return js

@@ -1,0 +1,81 @@
+"""Sweeps: drive an op's hypothesis strategy outside pytest and aggregate the judgments.
+
+``parity check`` (and later ``tighten`` / ``report``) measure with the very strategies
+the tests use: a sweep runs the strategy under ``@given`` with a fixed seed and no
+shrinking, and folds each case's judgments into one row per (op, dtype, recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hyp_seed
+
+from oracles import registry
+
+
+@dataclass
+class Row:
+    """The worst of every measure over the cases of one (op, dtype, recipe)."""
+
+    op: str
+    dtype: str
+    recipe: str | None
+    examples: int = 0
+    failures: int = 0
+    measured: dict = field(default_factory=dict)  # measure -> worst value
+    budget: dict = field(default_factory=dict)  # measure -> budget value
+    ok: dict = field(default_factory=dict)  # judgment kind -> all passed
+    first_failure: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.dtype}" + (f"/{self.recipe}" if self.recipe else "")
+
+    @property
+    def passed(self) -> bool:
+        return self.failures == 0
+
+    def fold(self, case, budget, judgments) -> None:
+        self.examples += 1
+        bad = [j for j in judgments if not j.ok]
+        if bad:
+            self.failures += 1
+            if not self.first_failure:
+                header = f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] ({budget.key_path}): "
+                self.first_failure = "\n\n".join(j.message(header, case.reproducer()) for j in bad)
+        for j in judgments:
+            self.ok[j.kind] = self.ok.get(j.kind, True) and j.ok
+            for k, v in j.measured.items():
+                if k in ("kernel_err", "oracle_err"):
+                    continue
+                name = f"{j.kind}.{k}"
+                v = float(v)
+                prev = self.measured.get(name, -math.inf)
+                self.measured[name] = v if (math.isnan(v) or v > prev) else prev
+            for k, v in j.budget.items():
+                self.budget[f"{j.kind}.{k}"] = v
+
+
+def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend: str | None = None,
+          on_case: Callable | None = None, kernel: Callable | None = None) -> dict[str | None, Row]:
+    """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen."""
+    h = registry.harness(op)
+    rows: dict[str | None, Row] = {}
+    be = backend or registry.backend()
+
+    @hyp_seed(seed)
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=h.cases(dtype=dtype))
+    def run(case):
+        _, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be)
+        rows.setdefault(case.recipe, Row(op, dtype, case.recipe)).fold(case, budget, js)
+        if on_case:
+            on_case(case)
+
+    run()
+    return rows

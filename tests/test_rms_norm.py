@@ -1,0 +1,94 @@
+"""rms_norm: parity, accuracy and exact properties of the kernel; the oracle against transformers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oracles.arrays import to_torch
+from oracles.registry import active_kernel, check_case, harness, jitted
+from oracles.rms_norm import RECIPES
+from oracles.rms_norm import rms_norm as oracle
+from tests.strategies import DTYPES
+
+H = harness("rms_norm")
+kernel = active_kernel("rms_norm")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_kernel_within_budget(tolerances, dtype, recipe, data):
+    """Parity (ulps vs the oracle), accuracy (vs the float64 truth), finiteness, dtype and shape."""
+    case = data.draw(H.cases(dtype=dtype, recipe=recipe), label="case")
+    check_case(case, tolerances, kernel=kernel)
+
+
+def _hf_module(recipe: str, weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    cls = {"hf": Qwen2RMSNorm, "gemma": GemmaRMSNorm, "fp32_weight": Olmo2RMSNorm}[recipe]
+    m = cls(weight.shape[0], eps=eps)
+    m.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    return m
+
+
+@given(case=H.cases(widths=(64, 896, 3584)))
+def test_oracle_equals_transformers_bit_for_bit(case):
+    """The oracle is transformers' own Qwen2RMSNorm / GemmaRMSNorm / Olmo2RMSNorm, to the bit."""
+    from oracles.rms_norm import _inputs
+
+    inp = _inputs(case)
+    x, w = to_torch(inp["x"]), to_torch(inp["weight"])
+    with torch.no_grad():
+        ref = _hf_module(case.kwargs["recipe"], w, case.kwargs["eps"])(x)
+    got = oracle(x, w, **case.kwargs)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(ref, nan=7.0)), case.reproducer()
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates_to_its_row_only(dtype, recipe):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[1, 5] = np.nan
+    out = np.asarray(jitted(kernel, recipe=recipe)(jnp.asarray(x, dtype), jnp.ones(64, dtype)).astype(jnp.float32))
+    assert np.isnan(out[1]).all(), "a NaN in a row must make that whole row NaN, not be replaced"
+    assert np.isfinite(out[[0, 2]]).all(), "a NaN must not leak into other rows"
+
+
+def test_eps_changes_tiny_rows():
+    """A row with mean(x^2) ~ 1e-8: eps 1e-6 and 1e-5 give outputs ~3x apart (eps is not cosmetic)."""
+    x = jnp.full((1, 128), 1e-4, jnp.float32)
+    a = kernel(x, jnp.ones(128, jnp.float32), eps=1e-6)
+    b = kernel(x, jnp.ones(128, jnp.float32), eps=1e-5)
+    np.testing.assert_array_less(np.asarray(b) * 2.5, np.asarray(a))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, x_dtype, match",
+    [
+        ((2, 64), (32,), jnp.float32, r"weight must have shape \[D\] = \(64,\).*got \(32,\)"),
+        ((2, 64), (2, 64), jnp.float32, r"weight must have shape \[D\] = \(64,\).*got \(2, 64\)"),
+        ((2, 64), (64,), jnp.int32, r"x must have a floating dtype.*got int32"),
+    ],
+)
+def test_bad_input_raises_value_error(x_shape, w_shape, x_dtype, match):
+    with pytest.raises(ValueError, match=match):
+        kernel(jnp.zeros(x_shape, x_dtype), jnp.ones(w_shape, jnp.float32))
+
+
+def test_bad_options_raise_value_error():
+    x, w = jnp.ones((2, 8)), jnp.ones(8)
+    with pytest.raises(ValueError, match=r"recipe must be one of \['hf', 'gemma', 'fp32_weight'\], got 'llama'"):
+        kernel(x, w, recipe="llama")
+    with pytest.raises(ValueError, match=r"eps must be > 0, got -1"):
+        kernel(x, w, eps=-1)

@@ -1,0 +1,97 @@
+"""softmax: parity, accuracy and exact properties; the oracle against transformers' eager recipe."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oracles.arrays import to_torch
+from oracles.registry import active_kernel, check_case, harness, jitted
+from oracles.softmax import _inputs
+from oracles.softmax import softmax as oracle
+from tests.strategies import DTYPES
+
+H = harness("softmax")
+kernel = active_kernel("softmax")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_kernel_within_budget(tolerances, dtype, data):
+    """Parity, accuracy, finiteness, masked entries exactly 0, rows summing to 1."""
+    case = data.draw(H.cases(dtype=dtype), label="case")
+    check_case(case, tolerances, kernel=kernel)
+
+
+@given(case=H.cases())
+def test_oracle_equals_hf_eager_recipe_bit_for_bit(case):
+    """Rows with a visible entry: equal to HF's additive finfo.min mask + softmax(dtype=f32).to(dtype)."""
+    inp = _inputs(case)
+    x = to_torch(inp["x"])
+    axis = case.kwargs["axis"]
+    if inp["where"] is None:
+        ref = torch.nn.functional.softmax(x, dim=axis, dtype=torch.float32).to(x.dtype)
+        got = oracle(x, axis=axis)
+        assert torch.equal(ref.nan_to_num(7.0), got.nan_to_num(7.0)), case.reproducer()
+        return
+    where = torch.from_numpy(inp["where"])
+    additive = torch.zeros_like(x).masked_fill(~where, torch.finfo(x.dtype).min)
+    ref = torch.nn.functional.softmax(x + additive, dim=axis, dtype=torch.float32).to(x.dtype)
+    got = oracle(x, axis=axis, where=where)
+    # Restrict to finite inputs: an inf in a masked slot makes HF's additive mask NaN
+    # (inf + finfo.min), which is one of the reasons this library masks with `where`.
+    rows = where.any(dim=axis, keepdim=True) & torch.isfinite(x).all(dim=axis, keepdim=True)
+    rows = rows.expand_as(x)
+    assert torch.equal(ref[rows], got[rows]), case.reproducer()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_masked_values_cannot_influence_output(dtype, data):
+    """NaN, inf or 1e30 in a masked slot changes nothing (a finfo.min additive mask fails this)."""
+    case = data.draw(H.cases(dtype=dtype), label="case")
+    inp = _inputs(case)
+    if inp["where"] is None:
+        return
+    where = inp["where"]
+    poison = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30]), label="poison")
+    x2 = inp["x"].astype(np.float32)
+    x2[~where] = poison
+    f = jitted(kernel, axis=case.kwargs["axis"])
+    a = np.asarray(f(inp["x"], where=where).astype(jnp.float32))
+    with np.errstate(over="ignore"):  # 1e30 overflows to inf in float16: still poison
+        x2 = x2.astype(inp["x"].dtype)
+    b = np.asarray(f(x2, where=where).astype(jnp.float32))
+    np.testing.assert_array_equal(a, b, err_msg=case.reproducer())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_row_is_zeros_not_nan(dtype):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16)), dtype)
+    where = np.ones((3, 16), bool)
+    where[1] = False
+    out = np.asarray(kernel(x, where=where).astype(jnp.float32))
+    assert (out[1] == 0).all()
+    assert np.isfinite(out).all()
+
+
+def test_nan_in_visible_entry_propagates():
+    x = np.zeros((2, 8), np.float32)
+    x[0, 3] = np.nan
+    out = np.asarray(kernel(jnp.asarray(x)))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+def test_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match=r"x must have a floating dtype.*got int32"):
+        kernel(jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"where of shape \(3,\) does not broadcast to x of shape \(2, 4\)"):
+        kernel(jnp.zeros((2, 4)), where=jnp.ones((3,), bool))
+    with pytest.raises(ValueError, match=r"where must be a boolean mask, got dtype float32"):
+        kernel(jnp.zeros((2, 4)), where=jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"axis must be in \[-2, 2\)"):
+        kernel(jnp.zeros((2, 4)), axis=2)
