@@ -46,6 +46,19 @@ def torch_rsqrt(v: jax.Array) -> jax.Array:
     )
 
 
+def check_args(x: jax.Array, weight: jax.Array, *, eps: float, recipe: str) -> None:
+    """Validate rms_norm's arguments (ValueError naming expected and actual)."""
+    require_float("x", x, op="rms_norm")
+    require_float("weight", weight, op="rms_norm")
+    require_choice("recipe", recipe, RECIPES, op="rms_norm")
+    require_positive("eps", eps, op="rms_norm")
+    if x.ndim < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"rms_norm: weight must have shape [D] = ({x.shape[-1] if x.ndim else '?'},) "
+            f"to match the last dim of x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str = "hf") -> jax.Array:
     """Normalise ``x[..., D]`` by its root mean square and scale by ``weight[D]``.
 
@@ -62,15 +75,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
       JAX shares for these dtypes); ``"gemma"`` / ``"fp32_weight"``: ``x.dtype``.
       NaN or inf in a row propagates to that row's output; nothing is replaced.
     """
-    require_float("x", x, op="rms_norm")
-    require_float("weight", weight, op="rms_norm")
-    require_choice("recipe", recipe, RECIPES, op="rms_norm")
-    require_positive("eps", eps, op="rms_norm")
-    if x.ndim < 1 or weight.shape != (x.shape[-1],):
-        raise ValueError(
-            f"rms_norm: weight must have shape [D] = ({x.shape[-1] if x.ndim else '?'},) "
-            f"to match the last dim of x {tuple(x.shape)}, got {tuple(weight.shape)}"
-        )
+    check_args(x, weight, eps=eps, recipe=recipe)
     # The statistic is always computed in float32: a bf16/f16 sum of squares loses
     # the row's scale (and overflows f16 above |x| ~ 256).
     xf = x.astype(jnp.float32)

@@ -22,6 +22,24 @@ import jax.numpy as jnp
 from kernels._checks import require_float
 
 
+def check_args(x: jax.Array, *, axis: int, where: jax.Array | None) -> jax.Array | None:
+    """Validate softmax's arguments; return ``where`` broadcast to ``x.shape`` (or None)."""
+    require_float("x", x, op="softmax")
+    if not -x.ndim <= axis < max(x.ndim, 1):
+        raise ValueError(f"softmax: axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise ValueError(f"softmax: where must be a boolean mask, got dtype {where.dtype}")
+    try:
+        return jnp.broadcast_to(where, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"softmax: where of shape {tuple(where.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+        ) from None
+
+
 def softmax(x: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Softmax of ``x`` along ``axis``, computed in float32, returned in ``x.dtype``.
 
@@ -34,9 +52,7 @@ def softmax(x: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> 
       An array of ``x``'s shape and dtype. Masked entries are exactly 0; rows with no
       visible entry are all 0.
     """
-    require_float("x", x, op="softmax")
-    if not -x.ndim <= axis < max(x.ndim, 1):
-        raise ValueError(f"softmax: axis must be in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
+    where = check_args(x, axis=axis, where=where)
     # Always in float32 (jax.nn's rule and HF's dtype=torch.float32): in bf16 the
     # row sum keeps 8 bits and the normalised tail collapses.
     xf = x.astype(jnp.float32)
@@ -45,20 +61,12 @@ def softmax(x: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> 
         e = jnp.exp(xf - m)
         return (e * (1.0 / jnp.sum(e, axis=axis, keepdims=True))).astype(x.dtype)
 
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-        raise ValueError(f"softmax: where must be a boolean mask, got dtype {where.dtype}")
-    try:
-        jnp.broadcast_shapes(where.shape, x.shape)
-        where = jnp.broadcast_to(where, x.shape)
-    except ValueError:
-        raise ValueError(
-            f"softmax: where of shape {tuple(where.shape)} does not broadcast to x of shape {tuple(x.shape)}"
-        ) from None
     visible_row = jnp.any(where, axis=axis, keepdims=True)
     # Masked entries become -inf so that they can neither be the max nor carry a NaN in.
     m = jnp.max(jnp.where(where, xf, -jnp.inf), axis=axis, keepdims=True)
     m = jnp.where(visible_row, m, 0.0)  # a fully masked row would give -inf - -inf = NaN
     e = jnp.where(where, jnp.exp(jnp.where(where, xf, m) - m), 0.0)
     s = jnp.where(visible_row, jnp.sum(e, axis=axis, keepdims=True), 1.0)
-    return (e * (1.0 / s)).astype(x.dtype)
+    # The final select keeps masked entries exactly 0 even when a visible +inf or NaN
+    # makes the row sum NaN (0 * NaN would otherwise leak into them).
+    return jnp.where(where, e * (1.0 / s), 0.0).astype(x.dtype)

@@ -55,6 +55,14 @@ def _load_tolerances(path):
         raise SystemExit(f"parity: {e}") from None
 
 
+def _console():
+    from rich.console import Console
+
+    c = Console()
+    # Piped output (CI logs) would wrap the tables at 80 columns: give them room.
+    return c if c.is_terminal else Console(width=160)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if v == 0:
@@ -75,7 +83,7 @@ def cmd_check(args) -> int:
     configure_jax()
     tol = _load_tolerances(args.tolerances)
     ops, dts = _ops(args.ops), _dtypes(args.dtypes)
-    console = Console(stderr=False)
+    console = _console()
     rows = []
     t0 = time.perf_counter()
     with Progress(console=Console(stderr=True), transient=True, disable=args.json) as prog:
@@ -150,15 +158,16 @@ def cmd_mutants(args) -> int:
                f"--hypothesis-profile={args.profile}"]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        failed = [ln for ln in p.stdout.splitlines() if ln.startswith("FAILED")]
-        return op, name, p.returncode, time.perf_counter() - t0, (failed[0] if failed else p.stdout[-400:])
+        failed = [ln.removeprefix("FAILED ").split(" - ")[0] for ln in p.stdout.splitlines() if ln.startswith("FAILED")]
+        detail = failed[0].split("::", 1)[-1] if failed else (p.stdout + p.stderr)[-300:]
+        return op, name, p.returncode, time.perf_counter() - t0, detail
 
-    console = Console()
+    console = _console()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run, jobs))
     table = Table(title=f"parity mutants ({args.profile} profile)")
-    for col in ("op", "mutant", "verdict", "s", "first failing test"):
-        table.add_column(col)
+    for col in ("op", "mutant", "verdict", "s", "killed by"):
+        table.add_column(col, overflow="fold")
     survived = errors = 0
     for op, name, rc, secs, detail in results:
         if rc == 1:
@@ -167,7 +176,7 @@ def cmd_mutants(args) -> int:
             verdict, survived = "[red]SURVIVED[/]", survived + 1
         else:
             verdict, errors = f"[yellow]error (pytest exit {rc})[/]", errors + 1
-        table.add_row(op, name, verdict, f"{secs:.0f}", detail.replace("FAILED ", "")[:90])
+        table.add_row(op, name, verdict, f"{secs:.0f}", detail if rc == 1 else detail[-200:])
     console.print(table)
     killed = len(results) - survived - errors
     console.print(f"{killed}/{len(results)} killed, {survived} survived, {errors} errors")

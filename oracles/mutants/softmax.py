@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels.softmax import check_args
+
 
 def _masked(x, where, axis, e_fn):
+    # Validate exactly as the real kernel does: a mutant must die of its numerics,
+    # not of a missing ValueError.
+    where = check_args(x, axis=axis, where=where)
     if where is None:
         return e_fn(x)
-    where = jnp.broadcast_to(where, x.shape)
     xm = jnp.where(where, x, jnp.asarray(-jnp.inf, x.dtype))
     p = e_fn(xm)
     return jnp.where(where & jnp.any(where, axis=axis, keepdims=True), p, 0).astype(x.dtype)
