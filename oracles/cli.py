@@ -92,7 +92,7 @@ def cmd_check(args) -> int:
             for dt in dts:
                 prog.update(task, description=f"{op} {dt}")
                 got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol,
-                            on_case=lambda _c: prog.advance(task))
+                            on_case=lambda *_: prog.advance(task))
                 rows.extend(got[k] for k in sorted(got, key=str))
     elapsed = time.perf_counter() - t0
     breach = any(not r.passed for r in rows)
@@ -127,6 +127,81 @@ def cmd_check(args) -> int:
             console.print(f"\n[red]{r.key}: {r.failures} of {r.examples} cases over budget; first:[/]")
             console.print(r.first_failure, markup=False, highlight=False)
     return EXIT_BREACH if breach else 0
+
+
+def cmd_tighten(args) -> int:
+    from rich.progress import Progress
+
+    from oracles import tighten
+    from oracles.budgets import BudgetError
+    from oracles.jaxsetup import configure_jax
+    from oracles.registry import backend
+    from oracles.sweep import sweep
+
+    configure_jax()
+    tol = _load_tolerances(args.tolerances)
+    ops, dts = _ops(args.ops), _dtypes(args.dtypes)
+    be = backend()
+    try:
+        with tighten.locked(tol.path):
+            tol = _load_tolerances(tol.path)  # re-read under the lock: another run may have written it
+            rows = []
+            with Progress(transient=True) as prog:
+                task = prog.add_task("measuring", total=len(ops) * len(dts) * args.examples)
+                for op in ops:
+                    for dt in dts:
+                        prog.update(task, description=f"{op} {dt}")
+                        got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol, backend=be,
+                                    on_case=lambda *_: prog.advance(task))
+                        rows.extend(got.values())
+            changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
+                                         examples=args.examples, seed=args.seed, profile=args.profile)
+            for c in changes:
+                print(c.line())
+            refused = [c for c in changes if c.action == "refused"]
+            n = {a: sum(c.action == a for c in changes) for a in ("tighten", "loosen", "new", "keep", "refused")}
+            print(f"{n['tighten']} tightened, {n['loosen']} loosened, {n['new']} new, {n['keep']} kept, "
+                  f"{n['refused']} refused (breaches)")
+            if args.dry_run:
+                print("dry run: tolerances.yaml not written")
+            else:
+                try:
+                    tighten.write_atomic(tol.path, tighten.dump(tol.data))
+                except OSError as e:
+                    raise SystemExit(f"parity tighten: could not write {tol.path} ({e}); the original is intact") from None
+                print(f"wrote {tol.path}")
+    except BudgetError as e:
+        raise SystemExit(f"parity tighten: {e}") from None
+    return EXIT_BREACH if refused else 0
+
+
+def cmd_report(args) -> int:
+    from rich.progress import Progress
+
+    from oracles.jaxsetup import configure_jax
+    from oracles.registry import backend
+    from oracles.report import Collector, write_report
+    from oracles.sweep import sweep
+
+    configure_jax()
+    tol = _load_tolerances(args.tolerances)
+    ops, dts = _ops(args.ops), _dtypes(args.dtypes)
+    rows, cols = [], {}
+    with Progress(transient=True) as prog:
+        task = prog.add_task("measuring", total=len(ops) * len(dts) * args.examples)
+        for op in ops:
+            for dt in dts:
+                col = cols[(op, dt)] = Collector(args.seed)
+
+                def on_case(*a, col=col):
+                    col(*a)
+                    prog.advance(task)
+
+                got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol, on_case=on_case)
+                rows.extend(got[k] for k in sorted(got, key=str))
+    md = write_report(Path(args.out), rows, cols, backend=backend(), seed=args.seed, examples=args.examples)
+    print(f"wrote {md} and {len(cols)} plots")
+    return 0
 
 
 def _repo_root() -> Path:
@@ -213,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--tolerances", default=None, help="path of tolerances.yaml")
     c.set_defaults(fn=cmd_check)
+
+    t = sub.add_parser("tighten", help="measure and ratchet the budgets in tolerances.yaml")
+    t.add_argument("--ops", nargs="*")
+    t.add_argument("--dtypes", nargs="*")
+    t.add_argument("--examples", type=int, default=200, help="cases per op x dtype (default 200)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--margin", type=float, default=1.25, help="budget = measured x margin, rounded up (default 1.25)")
+    t.add_argument("--allow-loosen", action="store_true", help="let a budget grow when the measurement exceeds it")
+    t.add_argument("--dry-run", action="store_true", help="print old -> new, write nothing")
+    t.add_argument("--profile", default="parity tighten", help="recorded in provenance (e.g. thorough)")
+    t.add_argument("--tolerances", default=None)
+    t.set_defaults(fn=cmd_tighten)
+
+    rp = sub.add_parser("report", help="markdown + PNG plots of the measured errors against the budgets")
+    rp.add_argument("--ops", nargs="*")
+    rp.add_argument("--dtypes", nargs="*")
+    rp.add_argument("--examples", type=int, default=60)
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--out", default="reports", help="output folder (default ./reports)")
+    rp.add_argument("--tolerances", default=None)
+    rp.set_defaults(fn=cmd_report)
 
     m = sub.add_parser("mutants", help="prove the tests kill every registered bug class")
     m.add_argument("--ops", nargs="*")

@@ -62,7 +62,11 @@ class Row:
 
 def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend: str | None = None,
           on_case: Callable | None = None, kernel: Callable | None = None) -> dict[str | None, Row]:
-    """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen."""
+    """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen.
+
+    ``on_case(case, outcome, budget, judgments)`` is called after each case (progress
+    bars, reports). Deterministic for a given seed: ``parity tighten`` relies on it.
+    """
     h = registry.harness(op)
     rows: dict[str | None, Row] = {}
     be = backend or registry.backend()
@@ -72,10 +76,10 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=h.cases(dtype=dtype))
     def run(case):
-        _, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be)
+        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be)
         rows.setdefault(case.recipe, Row(op, dtype, case.recipe)).fold(case, budget, js)
         if on_case:
-            on_case(case)
+            on_case(case, outcome, budget, js)
 
     run()
     return rows
