@@ -90,3 +90,10 @@ def test_finite_judgment_catches_overflow_where_truth_is_finite():
     t = np.array([1.0, 7e4, 100.0])  # 7e4 is above float16's max: inf is honest there
     assert judge_finite(np.array([1.0, np.inf, 100.0]), t, dtype="float16").ok
     assert not judge_finite(np.array([1.0, np.inf, np.inf]), t, dtype="float16").ok
+
+
+def test_differences_far_below_the_floor_are_not_mismatches():
+    o = np.array([1.0, 6e-39, 1e-3], np.float32)
+    k = np.array([1.0, 0.0, np.nextafter(np.float32(1e-3), np.float32(1))], np.float32)  # FTZ; 1 ulp at the floor
+    j = judge_parity(k, o, dtype="float32", budget=ParityBudget(max_ulps=1, mismatch_frac=0.0, floor_rel=1e-3))
+    assert j.measured["mismatch_frac"] == pytest.approx(1 / 3)  # only the 1-ulp difference at 1e-3 counts
