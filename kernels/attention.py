@@ -1,0 +1,289 @@
+"""Grouped-query attention (GQA) with every mask a decoder needs, in two rounding recipes.
+
+Layout: ``q[B,T,N,H]``, ``k[B,S,K,H]``, ``v[B,S,K,H]`` -> ``out[B,T,N,H]`` in q's dtype.
+Query head ``n`` reads kv head ``n // G`` with ``G = N // K`` (HF's ``repeat_kv``:
+[h0,h0,h1,h1], never tiled [h0,h1,h0,h1]). The repeat is never materialised: q is
+viewed as ``[B,T,K,G,H]`` and each kv head is contracted with its G query heads.
+
+Recipes (``s`` are the scores, ``p`` the probabilities, ``dt`` the input dtype):
+
+``"hf"`` (transformers' ``eager_attention_forward``, Qwen2/Llama/Mistral/Gemma 2):
+    1. ``s = dt(q @ k^T)``               matmul: f32 accumulation, rounded once to dt
+    2. ``s = dt(f32(s) * f32(scale))``   the scaling rounds again to dt
+    3. softcap (if any), each step rounded to dt as torch does on dt tensors:
+       ``s = dt(s / cap)``, ``s = dt(tanh(s))``, ``s = dt(s * cap)``
+    4. mask, then ``p = dt(softmax_f32(s))``: softmax in f32, probabilities rounded to dt
+    5. ``out = dt(p @ v)``               matmul: f32 accumulation, rounded once
+    This is what a port of a HF checkpoint wants when it must reproduce HF's eager
+    numbers (the reference logits of a model card, a parity test).
+``"fp32_logits"`` (``jax.nn.dot_product_attention``'s choice, and flash kernels'):
+    1. ``s = f32(q @ k^T) * f32(scale)`` kept in f32 (no rounding to dt)
+    2. softcap in f32, mask, softmax in f32
+    3. ``p = dt(p)``, ``out = dt(p @ v)`` with f32 accumulation
+    This is more accurate (a bf16 score of 1e3 has an ulp of 8, so "hf" shifts
+    probabilities by up to e^4); use it for new training/serving code that need not
+    match HF's eager bits. For float32 inputs the two recipes are identical.
+
+Matmuls use ``precision=HIGHEST`` and ``preferred_element_type=float32``: f32 inputs
+never fall to TF32 on a GPU, and bf16/f16 products accumulate in f32 and round once,
+as torch's CPU matmul does.
+
+Masking (``True`` = visible). Query t sits at position ``q_positions[b,t]`` (default
+``S - T + t``: bottom-right aligned, so a KV-cache decode step with T new tokens sees
+the whole cache), key s at ``kv_positions[b,s]`` (default ``s``). A key is visible when
+all of these hold:
+
+* ``causal``: ``kv_pos <= q_pos``;
+* ``sliding_window=W``: ``q_pos - kv_pos < W``: the W keys up to and including the
+  query (HF's ``sliding_window_overlay``, ``kv_idx > q_idx - W``); needs ``causal``;
+* ``kv_valid[b,s]`` (padding, unfilled cache slots);
+* ``segment_ids``: the query's segment equals the key's (packed sequences).
+
+The mask is applied *after* the softcap and before the softmax, as a boolean mask
+(masked scores are excluded, not added to ``finfo.min``): on every row with at least
+one visible key this gives HF's bits exactly. It differs from HF in two documented ways:
+
+* a query row with no visible key returns **zeros**; HF's additive ``finfo.min`` mask
+  gives the uniform average of the masked values there (garbage that looks valid);
+* a masked key cannot influence anything: a key visible to no query of its batch row
+  has its k and v zeroed before the matmuls, so NaN or inf in padding or in unfilled
+  cache slots does not leak (HF's ``0 * NaN`` gives NaN).
+
+Memory: the direct path holds the scores and probabilities of all queries at once,
+``[B,N,T,S]`` in f32 (plus a ``[B,T,S]`` mask): for a 32k-token prefill of Qwen2.5-0.5B
+(N=14) that is 56 GiB per copy. ``q_chunk=C`` processes the queries in blocks of C
+(a ``lax.map``), holding ``[B,N,C,S]`` at a time, with the same numerics (every query
+row is computed exactly as in the direct path).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
+from kernels.softmax import softmax
+
+RECIPES = ("hf", "fp32_logits")
+_OP = "gqa_attention"
+
+
+def _require_int(name: str, x, *, shape: tuple, letters: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{_OP}: {name} must be an integer array [{letters}], got dtype {dtype_name(x.dtype)}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{_OP}: {name} must have shape [{letters}] = {shape}, got {tuple(x.shape)}")
+
+
+def _check(q, k, v, *, scale, q_positions, kv_positions, kv_valid, segment_ids, causal, sliding_window,
+           softcap, recipe, q_chunk):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        require_float(name, x, op=_OP)
+    require_ndim("q", q, 4, op=_OP, letters="BTNH")
+    require_ndim("k", k, 4, op=_OP, letters="BSKH")
+    require_ndim("v", v, 4, op=_OP, letters="BSKH")
+    require_choice("recipe", recipe, RECIPES, op=_OP)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{_OP}: q, k, v must share one dtype, got q {dtype_name(q.dtype)}, "
+                         f"k {dtype_name(k.dtype)}, v {dtype_name(v.dtype)}")
+    b, t, n, h = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{_OP}: k and v must have the same shape [B,S,K,H], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    bk, s, kh, hk = k.shape
+    if bk != b:
+        raise ValueError(f"{_OP}: batch of k/v {tuple(k.shape)} (B={bk}) does not match q {tuple(q.shape)} (B={b})")
+    if hk != h:
+        raise ValueError(f"{_OP}: head dim of k/v {tuple(k.shape)} (H={hk}) does not match q {tuple(q.shape)} (H={h})")
+    if kh == 0 or n % kh:
+        raise ValueError(f"{_OP}: query heads N={n} (q {tuple(q.shape)}) must be a multiple of kv heads "
+                         f"K={kh} (k {tuple(k.shape)})")
+    if q_positions is not None:
+        _require_int("q_positions", q_positions, shape=(b, t), letters="B,T")
+    if kv_positions is not None:
+        _require_int("kv_positions", kv_positions, shape=(b, s), letters="B,S")
+    if causal and t > s and q_positions is None:
+        raise ValueError(f"{_OP}: causal attention with T={t} queries (q {tuple(q.shape)}) but only S={s} keys "
+                         f"(k {tuple(k.shape)}) and no q_positions: bottom-right alignment needs T <= S")
+    if kv_valid is not None:
+        if kv_valid.dtype != jnp.bool_ or tuple(kv_valid.shape) != (b, s):
+            raise ValueError(f"{_OP}: kv_valid must be a boolean array [B,S] = {(b, s)}, got "
+                             f"{dtype_name(kv_valid.dtype)} with shape {tuple(kv_valid.shape)}")
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError(f"{_OP}: segment_ids must be one array [B,S] or a pair ([B,T], [B,S]), "
+                                 f"got a sequence of {len(segment_ids)}")
+            _require_int("segment_ids[0] (query ids)", segment_ids[0], shape=(b, t), letters="B,T")
+            _require_int("segment_ids[1] (kv ids)", segment_ids[1], shape=(b, s), letters="B,S")
+        else:
+            _require_int("segment_ids", segment_ids, shape=(b, s), letters="B,S")
+            if t > s:
+                raise ValueError(f"{_OP}: one segment_ids array [B,S] needs T <= S, got T={t}, S={s}; pass a pair")
+    if sliding_window is not None:
+        if not isinstance(sliding_window, int) or isinstance(sliding_window, bool):
+            raise ValueError(f"{_OP}: sliding_window must be an int, got {sliding_window!r}")
+        require_positive("sliding_window", sliding_window, op=_OP)
+        if not causal:
+            raise ValueError(f"{_OP}: sliding_window={sliding_window} needs causal=True (HF's bidirectional "
+                             f"window |q - kv| <= W is a different mask)")
+    if softcap is not None:
+        require_positive("softcap", softcap, op=_OP)
+    if scale is not None:
+        require_positive("scale", scale, op=_OP)
+    if q_chunk is not None:
+        if not isinstance(q_chunk, int) or isinstance(q_chunk, bool):
+            raise ValueError(f"{_OP}: q_chunk must be an int, got {q_chunk!r}")
+        require_positive("q_chunk", q_chunk, op=_OP)
+
+
+def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, *, causal, sliding_window):
+    """Boolean visibility ``[B,T,S]`` (True = the query may attend to the key)."""
+    qp = q_pos[:, :, None]  # [B, T, 1]
+    kp = kv_pos[:, None, :]  # [B, 1, S]
+    vis = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), dtype=jnp.bool_)  # [B, T, S]
+    if causal:
+        vis = vis & (kp <= qp)
+    if sliding_window is not None:
+        vis = vis & (qp - kp < sliding_window)  # the W keys up to and including the query
+    if kv_valid is not None:
+        vis = vis & kv_valid[:, None, :]
+    if q_seg is not None:
+        vis = vis & (q_seg[:, :, None] == kv_seg[:, None, :])
+    return vis
+
+
+def _scores(qg, k):
+    """``q . k`` per (query head, key), f32 accumulation: ``[B,T,K,G,H] x [B,S,K,H] -> [B,K,G,T,S]``."""
+    return jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+
+
+def _scaled_scores(qg, k, *, scale, softcap, recipe):
+    """Steps 1-3 of the recipe: scores ``[B,K,G,T,S]``, in q's dtype ("hf") or f32."""
+    dt = qg.dtype
+    s = _scores(qg, k)  # [B, K, G, T, S] f32
+    scale32 = jnp.float32(scale)  # torch's CPU kernel uses the Python scale as an f32 "opmath" scalar
+    if recipe == "fp32_logits":
+        s = s * scale32  # scores stay f32
+        if softcap is not None:
+            cap = jnp.float32(softcap)
+            s = jnp.tanh(s / cap) * cap
+        return s
+    # Round 1: torch's matmul returns the input dtype.
+    s = s.astype(dt)
+    # Round 2: `* scaling` on a dt tensor computes in f32 and rounds back to dt.
+    s = (s.astype(jnp.float32) * scale32).astype(dt)
+    if softcap is not None:
+        cap = jnp.float32(softcap)
+        # Gemma 2's three dt-tensor ops, each computed in f32 and rounded to dt.
+        s = (s.astype(jnp.float32) / cap).astype(dt)
+        s = jnp.tanh(s.astype(jnp.float32)).astype(dt)
+        s = (s.astype(jnp.float32) * cap).astype(dt)
+    return s
+
+
+def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, sliding_window, softcap, recipe):
+    """The direct path: all T queries of ``q`` at once (holds ``[B,N,T,S]`` scores)."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    dt = q.dtype
+    vis = _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal=causal, sliding_window=sliding_window)
+    # Keys that no query of this block may see are zeroed, so NaN/inf there cannot leak
+    # through 0 * NaN in the matmuls (HF's eager path does leak it).
+    used = jnp.any(vis, axis=1)[:, :, None, None]  # [B, S, 1, 1]
+    k = jnp.where(used, k, jnp.zeros((), dt))
+    v = jnp.where(used, v, jnp.zeros((), dt))
+    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: query head n = k * G + g reads kv head k
+    s = _scaled_scores(qg, k, scale=scale, softcap=softcap, recipe=recipe)  # [B, K, G, T, S]
+    # Softmax in f32 (kernels.softmax); masked entries exactly 0, a row with no visible key all 0.
+    p = softmax(s, axis=-1, where=vis[:, None, None, :, :])  # [B, K, G, T, S], s's dtype
+    # Probabilities go to the input dtype for the PV matmul (HF's .to(query.dtype); jax.nn too).
+    p = p.astype(dt)
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)  # [B, T, K, G, H] f32 accumulation
+    # One rounding of the f32 accumulator to the input dtype, as torch's matmul.
+    return o.astype(dt).reshape(b, t, n, h)  # [B, T, N, H]
+
+
+def gqa_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    kv_valid: jax.Array | None = None,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    recipe: str = "hf",
+    q_chunk: int | None = None,
+) -> jax.Array:
+    """Grouped-query attention ``softmax(mask(q k^T * scale)) v`` (see the module docstring).
+
+    Args:
+      q: queries ``[B,T,N,H]``; k, v: keys and values ``[B,S,K,H]``; one float dtype.
+      scale: score scale; default ``H ** -0.5`` (HF's ``head_dim**-0.5``).
+      causal: mask keys after the query (bottom-right aligned when S > T).
+      q_positions: int ``[B,T]``, default ``S - T + t``. kv_positions: int ``[B,S]``, default ``s``.
+      kv_valid: bool ``[B,S]``, False for padding or unfilled cache slots.
+      segment_ids: int ``[B,S]`` (the queries' ids are its last T columns, the same
+        bottom-right alignment as ``causal``), or a pair ``(q_ids[B,T], kv_ids[B,S])``.
+      sliding_window: W: each query sees the W keys up to and including itself.
+      softcap: ``cap * tanh(s / cap)`` on the scaled scores, before masking (Gemma 2).
+      recipe: ``"hf"`` or ``"fp32_logits"`` (module docstring: which to use when).
+      q_chunk: process queries in blocks of this many (bounded memory, same numerics).
+
+    Dtype recipe, step by step: see the module docstring ("hf" rounds the scores to the
+    input dtype twice, "fp32_logits" keeps them in f32; both: softmax in f32,
+    probabilities rounded to the input dtype, PV accumulated in f32, output rounded once).
+
+    Returns:
+      ``[B,T,N,H]`` in q's dtype. A query with no visible key gives zeros.
+    """
+    _check(q, k, v, scale=scale, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
+           segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, softcap=softcap,
+           recipe=recipe, q_chunk=q_chunk)
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    scale = h ** -0.5 if scale is None else scale
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))  # [B, T]
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))  # [B, S]
+    # Positions compare as int32 (ample for 2^17-token contexts); any int dtype may come in.
+    q_positions = q_positions.astype(jnp.int32)
+    kv_positions = kv_positions.astype(jnp.int32)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            q_seg, kv_seg = segment_ids
+        else:
+            q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]
+        # One int type for the comparison (the two may come in different int dtypes).
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, recipe=recipe)
+    if q_chunk is None or q_chunk >= t:
+        return _attend(q, q_positions, q_seg, k, v, kv_positions, kv_seg, kv_valid, **opts)
+
+    # Query-chunked path: pad T up to a multiple of C (padded rows are computed and dropped).
+    c = q_chunk
+    nc = -(-t // c)
+    pad = nc * c - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))  # [B, nc*C, N, H]
+    pos = jnp.pad(q_positions, ((0, 0), (0, pad)))  # [B, nc*C]
+    qc = qp.reshape(b, nc, c, n, h).swapaxes(0, 1)  # [nc, B, C, N, H]
+    posc = pos.reshape(b, nc, c).swapaxes(0, 1)  # [nc, B, C]
+    if q_seg is not None:
+        segc = jnp.pad(q_seg, ((0, 0), (0, pad))).reshape(b, nc, c).swapaxes(0, 1)  # [nc, B, C]
+    else:
+        segc = jnp.zeros((nc, b, c), jnp.int32)  # unused placeholder: lax.map needs arrays  # [nc, B, C]
+
+    def block(args):
+        qb, pb, sb = args
+        return _attend(qb, pb, None if q_seg is None else sb, k, v, kv_positions, kv_seg, kv_valid, **opts)
+
+    out = jax.lax.map(block, (qc, posc, segc))  # [nc, B, C, N, H]
+    return out.swapaxes(0, 1).reshape(b, nc * c, n, h)[:, :t]  # [B, T, N, H]

@@ -1,0 +1,267 @@
+"""gqa_attention: parity, accuracy and exact properties; the oracle against transformers' eager attention."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import masking_utils as mu
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as qwen2_eager
+
+from oracles.arrays import to_torch
+from oracles.attention import RECIPES, _inputs, _torch_masks, visibility
+from oracles.attention import gqa_attention as oracle
+from oracles.compare import judge_parity, require
+from oracles.registry import active_kernel, backend, check_case, harness, jitted
+from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
+
+H = harness("attention")
+kernel = active_kernel("attention")
+MASK_ARGS = ("q_positions", "kv_positions", "kv_valid", "segment_ids")
+# The property tests compile two kernels per example: they take half the profile's examples.
+PROPERTY = settings(max_examples=max(1, settings.default.max_examples // 2))
+
+
+def _run(case, arrays=None, **override):
+    """The kernel on a case's arrays (optionally replaced), as float32 numpy."""
+    a = dict(_inputs(case) if arrays is None else arrays)
+    kw = dict(case.kwargs, **override)
+    out = jitted(kernel, **kw)(a["q"], a["k"], a["v"], **{m: a[m] for m in MASK_ARGS})
+    return np.asarray(out.astype(jnp.float32))
+
+
+def _vis(case, a):
+    b, t = case.shapes["q"][:2]
+    s = case.shapes["k"][1]
+    kw = {k: case.kwargs[k] for k in ("causal", "sliding_window")}
+    return visibility(b, t, s, **kw, **_torch_masks(a)).numpy()  # [B, T, S]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_kernel_within_budget(tolerances, dtype, recipe, data):
+    """Parity vs the oracle, accuracy vs the float64 truth, finiteness, empty rows exactly 0."""
+    case = data.draw(H.cases(dtype=dtype, recipe=recipe), label="case")
+    check_case(case, tolerances, kernel=kernel)
+
+
+def _hf_mask_function(case, a, s, t):
+    """The case's visibility as transformers' own mask functions (masking_utils)."""
+    kw = case.kwargs
+    fns = []
+    if a["q_positions"] is not None or a["kv_positions"] is not None:
+        tm = _torch_masks(a)
+        qp = tm["q_positions"].long() if tm["q_positions"] is not None else None
+        kp = tm["kv_positions"].long() if tm["kv_positions"] is not None else torch.arange(s).expand(qp.shape[0], s)
+        # Explicit positions: index-based mask functions over the position tables
+        # (q_idx runs over S - T + t, transformers' q_offset convention).
+        if kw["causal"]:
+            fns.append(lambda b, h, qi, ki: kp[b, ki] <= qp[b, qi - (s - t)])
+        if kw["sliding_window"] is not None:
+            w = kw["sliding_window"]
+            fns.append(lambda b, h, qi, ki: kp[b, ki] > qp[b, qi - (s - t)] - w)
+    elif kw["sliding_window"] is not None:
+        fns.append(mu.sliding_window_causal_mask_function(kw["sliding_window"]))
+    elif kw["causal"]:
+        fns.append(mu.causal_mask_function)
+    else:
+        fns.append(mu.bidirectional_mask_function)
+    seg = a["segment_ids"]
+    if seg is not None:
+        fns.append(mu.packed_sequence_mask_function(torch.from_numpy(seg[1] if isinstance(seg, tuple) else seg)))
+    return fns[0] if len(fns) == 1 else mu.and_masks(*fns)
+
+
+@given(case=H.cases(recipe="hf"))
+def test_oracle_equals_transformers_eager_bit_for_bit(case):
+    """Qwen2's (Gemma 2's with softcap) eager_attention_forward with an eager_mask from
+    masking_utils equals the oracle bit for bit on every row with a visible key."""
+    a = _inputs(case)
+    q, k, v = to_torch(a["q"]), to_torch(a["k"]), to_torch(a["v"])
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    kw = dict(case.kwargs)
+    kw.pop("q_chunk")
+    kv_valid = None if a["kv_valid"] is None else torch.from_numpy(a["kv_valid"])
+    mask = mu.eager_mask(batch_size=b, q_length=t, kv_length=s, q_offset=s - t,
+                         mask_function=_hf_mask_function(case, a, s, t), attention_mask=kv_valid, dtype=q.dtype)
+    module = types.SimpleNamespace(num_key_value_groups=n // kh, training=False, head_dim=h)
+    scaling = h ** -0.5 if kw["scale"] is None else kw["scale"]
+    qh, kh_, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, len, H], HF's layout
+    if kw["softcap"] is None:
+        ref, _ = qwen2_eager(module, qh, kh_, vh, mask, scaling)
+    else:
+        ref, _ = gemma2_eager(module, qh, kh_, vh, mask, scaling=scaling, softcap=kw["softcap"])
+    got = oracle(q, k, v, **kw, **_torch_masks(a))
+    rows = torch.from_numpy(_vis(case, a).any(-1))  # [B, T]: rows with a visible key
+    assert torch.equal(mask[:, 0] == 0, torch.from_numpy(_vis(case, a))), "mask differs from transformers' " + case.reproducer()
+    assert torch.equal(ref[rows], got[rows]), case.reproducer()
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_gqa_mapping_exact(layout):
+    """Query head n reads kv head n // G: each kv head's values hold its own id.
+
+    q = 0 and no causal mask make every probability exactly 1/S (S = 4), so the output
+    is exactly the id of the kv head the query head reads, in every dtype.
+    """
+    n, kh, h = layout
+    dt = DTYPES[HEAD_LAYOUTS.index(layout) % len(DTYPES)]
+    rng = np.random.default_rng(0)
+    b, s = 2, 4
+    q = round_to(np.zeros((b, 3, n, h)), dt)
+    k = round_to(rng.standard_normal((b, s, kh, h)), dt)
+    ids = np.arange(1, kh + 1, dtype=np.float32)[None, None, :, None]  # [1, 1, K, 1]
+    v = round_to(np.broadcast_to(ids, (b, s, kh, h)), dt)
+    out = np.asarray(jitted(kernel, causal=False)(q, k, v).astype(jnp.float32))  # [B, T, N, H]
+    want = np.broadcast_to((np.arange(n) // (n // kh) + 1)[None, None, :, None], out.shape)  # [B, T, N, H]
+    np.testing.assert_array_equal(out, want, err_msg=f"layout {layout} {dt}")
+
+
+@PROPERTY
+@given(data=st.data())
+def test_equals_mha_with_kv_repeated(tolerances, data):
+    """GQA equals MHA on kv heads repeated [h0,h0,h1,h1], within the op's parity budget
+    (XLA's dot may sum in another order for the [B,N,...] shape of MHA)."""
+    case = data.draw(H.cases(), label="case")
+    a = _inputs(case)
+    g = case.shapes["q"][2] // case.shapes["k"][2]
+    rep = dict(a, k=np.repeat(a["k"], g, axis=2), v=np.repeat(a["v"], g, axis=2))
+    _require_same(tolerances, case, _run(case, a), _run(case, rep), what="GQA vs MHA")
+
+
+def _require_same(tolerances, case, got, want, *, what: str):
+    """Two kernel runs that must agree: bit for bit in bfloat16; within the op's parity
+    budget in float32/float16, where XLA's CPU dot may sum in another order for another
+    shape (a T=1 matrix-vector product, a query block, MHA's [B,N,...] layout)."""
+    budget = tolerances.lookup("attention", case.dtype, backend(), case.recipe)
+    if case.dtype == "bfloat16":
+        np.testing.assert_array_equal(got, want, err_msg=f"{what}: {case.reproducer()}")
+        return
+    j = judge_parity(got, want, dtype=case.dtype, budget=budget.parity)
+    require([j], header=f"{what} [{case.dtype}, {case.kwargs}] ({budget.key_path}): ", reproducer=case.reproducer())
+
+
+@PROPERTY
+@given(data=st.data())
+def test_masked_keys_cannot_influence_output(data):
+    """NaN, inf or 1e30 in k and v of keys no query may see changes nothing (bit for bit)."""
+    case = data.draw(H.cases(), label="case")
+    a = _inputs(case)
+    hidden = ~_vis(case, a).any(axis=1)  # [B, S]: keys visible to no query
+    if not hidden.any():  # a mask with no hidden key: hide the last keys with kv_valid padding
+        kv_valid = np.ones(hidden.shape, bool) if a["kv_valid"] is None else a["kv_valid"].copy()
+        kv_valid[:, -1] = False
+        a = dict(a, kv_valid=kv_valid)
+        hidden = ~_vis(case, a).any(axis=1)
+    poison = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30]), label="poison")
+    bad = dict(a)
+    for name in ("k", "v"):
+        x = a[name].astype(np.float32)
+        x[hidden] = poison
+        with np.errstate(over="ignore"):  # 1e30 overflows to inf in float16: still poison
+            bad[name] = x.astype(a[name].dtype)
+    np.testing.assert_array_equal(_run(case, a), _run(case, bad), err_msg=case.reproducer())
+
+
+@PROPERTY
+@given(data=st.data())
+def test_last_prefill_query_equals_decode_step(tolerances, data):
+    """The last query of a causal prefill equals a T=1 decode step over the same keys."""
+    case = data.draw(H.cases(ts_pairs=((5, 5), (16, 16), (33, 33)), q_chunk=0), label="case")
+    a = _inputs(case)
+    if not case.kwargs["causal"]:
+        case = type(case)(case.op, case.dtype, case.shapes, dict(case.kwargs, causal=True), case.data)
+    full = _run(case, a)[:, -1:]
+    one = dict(a, q=np.ascontiguousarray(a["q"][:, -1:]))
+    if a["q_positions"] is not None:
+        one["q_positions"] = np.ascontiguousarray(a["q_positions"][:, -1:])
+    seg = a["segment_ids"]
+    if isinstance(seg, tuple):
+        one["segment_ids"] = (np.ascontiguousarray(seg[0][:, -1:]), seg[1])
+    _require_same(tolerances, case, _run(case, one), full, what="decode step vs last prefill query")
+
+
+@PROPERTY
+@given(case=H.cases(ts_pairs=((5, 5), (16, 16), (33, 33), (12, 48)), q_chunk=0), q_chunk=st.sampled_from([1, 3, 8]))
+def test_query_chunked_equals_direct(tolerances, case, q_chunk):
+    """The query-chunked path computes every row as the direct path does."""
+    a = _inputs(case)
+    _require_same(tolerances, case, _run(case, a, q_chunk=q_chunk), _run(case, a, q_chunk=None),
+                  what=f"q_chunk={q_chunk} vs direct")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_visible_key_are_zero(dtype):
+    """Padding-only rows and rows before their segment starts: zeros, not NaN, not HF's average."""
+    rng = np.random.default_rng(1)
+    b, t, n, kh, h = 2, 6, 4, 2, 16
+    q = round_to(rng.standard_normal((b, t, n, h)) * 30, dtype)
+    k = round_to(rng.standard_normal((b, t, kh, h)) * 30, dtype)
+    v = round_to(rng.standard_normal((b, t, kh, h)) + 5.0, dtype)  # the uniform average would be ~5
+    kv_valid = np.ones((b, t), bool)
+    kv_valid[0] = False  # batch row 0: nothing visible at all
+    kv_valid[1, :3] = False  # batch row 1: left padding, queries 0-2 see nothing (causal)
+    out = np.asarray(kernel(q, k, v, kv_valid=kv_valid).astype(jnp.float32))
+    assert np.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :3] == 0).all()
+    assert (np.abs(out[1, 3:]) > 0).any()
+
+
+def test_single_visible_key_returns_its_value():
+    """sliding_window=1: each query sees only itself, probability exactly 1."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 5, 4, 8)).astype(np.float32) * 100
+    k = rng.standard_normal((1, 5, 2, 8)).astype(np.float32) * 100
+    v = rng.standard_normal((1, 5, 2, 8)).astype(np.float32)
+    out = np.asarray(kernel(q, k, v, sliding_window=1))
+    np.testing.assert_array_equal(out, np.repeat(v, 2, axis=2))
+
+
+def test_query_chunked_path_bounds_memory():
+    """A 32k-token prefill (Qwen2.5-0.5B heads) with q_chunk=512 needs far less than the
+    [B,N,T,S] f32 score matrix (56 GiB); compiled, not run."""
+    b, t, n, kh, h = 1, 32768, 14, 2, 64
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
+    scores_bytes = b * n * t * t * 4
+    mem = jax.jit(lambda q, k, v: kernel(q, k, v, q_chunk=512)).lower(q, kv, kv).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < scores_bytes / 16, (mem.temp_size_in_bytes, scores_bytes)
+
+
+def test_bad_input_raises_value_error():
+    f32 = np.float32
+    q, k = np.zeros((2, 4, 6, 8), f32), np.zeros((2, 4, 4, 8), f32)
+    with pytest.raises(ValueError, match=r"N=6 .*\(2, 4, 6, 8\).* multiple of kv heads K=4 .*\(2, 4, 4, 8\)"):
+        kernel(q, k, k)
+    q = np.zeros((2, 4, 8, 8), f32)
+    with pytest.raises(ValueError, match=r"head dim of k/v \(2, 4, 4, 16\) \(H=16\) does not match q \(2, 4, 8, 8\)"):
+        kernel(q, np.zeros((2, 4, 4, 16), f32), np.zeros((2, 4, 4, 16), f32))
+    with pytest.raises(ValueError, match=r"batch of k/v \(3, 4, 4, 8\) \(B=3\) does not match q \(2, 4, 8, 8\)"):
+        kernel(q, np.zeros((3, 4, 4, 8), f32), np.zeros((3, 4, 4, 8), f32))
+    with pytest.raises(ValueError, match=r"k and v must have the same shape"):
+        kernel(q, k, np.zeros((2, 5, 4, 8), f32))
+    with pytest.raises(ValueError, match=r"kv_valid must be a boolean array \[B,S\] = \(2, 4\), got bool with shape \(2, 5\)"):
+        kernel(q, k, k, kv_valid=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"q_positions must have shape \[B,T\] = \(2, 4\), got \(4,\)"):
+        kernel(q, k, k, q_positions=np.arange(4))
+    with pytest.raises(ValueError, match=r"kv_positions must have shape \[B,S\] = \(2, 4\), got \(2, 3\)"):
+        kernel(q, k, k, kv_positions=np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match=r"T=4 queries \(q \(2, 4, 8, 8\)\) but only S=2 keys \(k \(2, 2, 4, 8\)\)"):
+        kernel(q, np.zeros((2, 2, 4, 8), f32), np.zeros((2, 2, 4, 8), f32))
+    with pytest.raises(ValueError, match=r"q, k, v must share one dtype, got q float32, k bfloat16"):
+        kernel(q, k.astype(NP_DTYPES["bfloat16"]), k)
+    with pytest.raises(ValueError, match=r"sliding_window=4 needs causal=True"):
+        kernel(q, k, k, causal=False, sliding_window=4)
+    with pytest.raises(ValueError, match=r"recipe must be one of \['hf', 'fp32_logits'\], got 'bf16'"):
+        kernel(q, k, k, recipe="bf16")
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[B,S\] = \(2, 4\), got \(2, 3\)"):
+        kernel(q, k, k, segment_ids=np.zeros((2, 3), np.int32))
