@@ -1,0 +1,108 @@
+"""Dense projections: ``linear`` (q/k/v with bias, o_proj, any dense layer) and ``lm_head``.
+
+Weights are stored ``[in, out]`` (torch's ``nn.Linear.weight`` is ``[out, in]``:
+transpose when converting a checkpoint), except a tied lm_head, which reads the
+embedding table ``[V, D]`` as it is.
+
+The rounding recipe of torch's ``nn.Linear`` on every dtype (checked bit for bit in
+``tests/test_projection.py``, 2-D and 3-D inputs alike):
+
+    1. ``acc = f32acc(x @ w)``       products and sums in float32 (bf16/f16 too)
+    2. ``acc = acc + float32(b)``    the bias is added in float32, BEFORE the rounding
+                                     (oneDNN's fused bias; rounding first and adding in
+                                     bf16 differs on ~25% of elements)
+    3. ``y = round(acc)``            one rounding, to the input dtype
+
+A float32 matmul here is full float32: ``precision="highest"`` by default, because XLA's
+default precision on GPUs is TF32 (measured on an H100: 2.9e-4 relative error against
+torch's 5.7e-7). Reduction order differs between XLA and oneDNN/MKL, so float32 results
+agree with torch to a few ulps, bf16/f16 to the bit on nearly every element.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels._checks import dtype_name, require_choice, require_float
+
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
+LOGITS_DTYPES = (None, "float32")
+
+
+def _same_dtype(op: str, name: str, a, x) -> None:
+    if a.dtype != x.dtype:
+        raise ValueError(f"{op}: {name} must have the dtype of x ({dtype_name(x.dtype)}), got {dtype_name(a.dtype)}")
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision: str = "highest") -> jax.Array:
+    """``x[..., I] @ w[I, O] + b[O]``, rounded as torch's ``nn.Linear`` rounds.
+
+    Recipe: float32 accumulation; the bias added in float32 before the single rounding
+    to ``x.dtype`` (see the module docstring).
+
+    Args:
+      x: ``[..., I]``, float32 / bfloat16 / float16.
+      w: ``[I, O]`` of ``x.dtype``.
+      b: optional bias ``[O]`` of ``x.dtype`` (Qwen2's q/k/v projections have one).
+      precision: ``"highest"`` (default: full float32, never TF32), ``"high"`` or
+        ``"default"`` (XLA's platform default: TF32 for float32 on GPUs; opt-in only).
+
+    Returns:
+      ``[..., O]`` in ``x.dtype``.
+    """
+    require_float("x", x, op="linear")
+    require_choice("precision", precision, tuple(PRECISIONS), op="linear")
+    _same_dtype("linear", "w", w, x)
+    if x.ndim < 1 or w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"linear: w must have shape [I, O] with I = {x.shape[-1] if x.ndim else '?'} (last dim of x "
+            f"{tuple(x.shape)}), got {tuple(w.shape)}"
+        )
+    if b is not None:
+        _same_dtype("linear", "b", b, x)
+        if b.shape != (w.shape[1],):
+            raise ValueError(f"linear: b must have shape [O] = ({w.shape[1]},), got {tuple(b.shape)}")
+    acc = jnp.matmul(x, w, precision=PRECISIONS[precision], preferred_element_type=jnp.float32)  # f32 [..., O]
+    if b is not None:
+        acc = acc + b.astype(jnp.float32)  # torch adds the bias in f32, before rounding
+    return acc.astype(x.dtype)  # the single rounding, to the model dtype
+
+
+def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, tied: bool = False) -> jax.Array:
+    """Logits ``h[..., D] @ w[D, V]`` (or ``@ table[V, D]^T`` when ``tied``).
+
+    Recipe:
+      ``logits_dtype=None`` (HF's ``lm_head`` in the model dtype): float32 accumulation,
+        one rounding to ``h.dtype``, exactly ``linear(h, w)``.
+      ``logits_dtype="float32"``: float32 accumulation, returned unrounded in float32
+        (``lm_head(h.float())`` with a float32 weight: the products of bf16/f16 values are
+        exact in float32, so no copy of the weight is needed).
+
+    Args:
+      h: final hidden states ``[..., D]``, float32 / bfloat16 / float16.
+      w: ``[D, V]``; or, with ``tied=True``, the embedding table ``[V, D]``, which is
+        contracted over its D axis in place (no transposed copy). V up to 152064.
+      logits_dtype: ``None`` (model dtype) or ``"float32"``.
+      tied: whether ``w`` is the (tied) embedding table ``[V, D]``.
+
+    Returns:
+      ``[..., V]`` logits in ``h.dtype`` or float32.
+    """
+    require_float("h", h, op="lm_head")
+    require_choice("logits_dtype", logits_dtype, LOGITS_DTYPES, op="lm_head")
+    _same_dtype("lm_head", "w", w, h)
+    d_axis = 1 if tied else 0
+    if h.ndim < 1 or w.ndim != 2 or w.shape[d_axis] != h.shape[-1]:
+        want = "[V, D] (tied embedding table)" if tied else "[D, V]"
+        raise ValueError(
+            f"lm_head: w must have shape {want} with D = {h.shape[-1] if h.ndim else '?'} (last dim of h "
+            f"{tuple(h.shape)}), got {tuple(w.shape)}"
+        )
+    acc = jax.lax.dot_general(  # f32 [..., V]: contract h's D with w's D axis, no transpose
+        h, w, dimension_numbers=(((h.ndim - 1,), (d_axis,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+    )
+    if logits_dtype == "float32":
+        return acc  # f32 logits asked for: no rounding at all
+    return acc.astype(h.dtype)  # HF's lm_head rounds once to the model dtype
