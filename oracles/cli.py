@@ -155,7 +155,7 @@ def cmd_tighten(args) -> int:
                                     on_case=lambda *_: prog.advance(task))
                         rows.extend(got.values())
             changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
-                                         examples=args.examples, seed=args.seed, profile=args.profile)
+                                         seed=args.seed, profile=args.profile)
             for c in changes:
                 print(c.line())
             refused = [c for c in changes if c.action == "refused"]
@@ -202,6 +202,31 @@ def cmd_report(args) -> int:
     md = write_report(Path(args.out), rows, cols, backend=backend(), seed=args.seed, examples=args.examples)
     print(f"wrote {md} and {len(cols)} plots")
     return 0
+
+
+def cmd_diverge(args) -> int:
+    from oracles import diverge
+    from oracles.jaxsetup import configure_jax
+
+    configure_jax()
+    tol = _load_tolerances(args.tolerances)
+    try:
+        inject = diverge.parse_inject(args.inject)
+        hf_config = None if args.checkpoint else diverge.preset(args.config, layers=args.layers)
+    except ValueError as e:
+        raise SystemExit(f"parity diverge: {e}") from None
+    modes = ("isolated", "accumulated") if args.mode == "both" else (args.mode,)
+    source = args.checkpoint or args.config
+    reports = diverge.run(source=source, hf_config=hf_config, checkpoint=args.checkpoint, dtype=args.dtype,
+                          tokens=args.tokens, batch=args.batch, seed=args.seed, modes=modes, inject=inject,
+                          tolerances=tol)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    diverge.print_reports(reports, _console())
+    diverge.write_json(reports, out / "diverge.json")
+    diverge.plot(reports, out / "diverge.png")
+    print(f"wrote {out / 'diverge.json'} and {out / 'diverge.png'}")
+    return EXIT_BREACH if any(r.first_divergence for r in reports) else 0
 
 
 def _repo_root() -> Path:
@@ -309,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="reports", help="output folder (default ./reports)")
     rp.add_argument("--tolerances", default=None)
     rp.set_defaults(fn=cmd_report)
+
+    dv = sub.add_parser("diverge", help="find the first component where the JAX model departs from transformers")
+    dv.add_argument("--config", default="tiny", help="tiny, tiny-tied, qwen2.5-0.5b ... qwen2.5-72b (random weights)")
+    dv.add_argument("--checkpoint", default=None, help="a local HF checkpoint directory (safetensors)")
+    dv.add_argument("--layers", type=int, default=None, help="keep only the first N layers of a preset")
+    dv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    dv.add_argument("--tokens", type=int, default=64)
+    dv.add_argument("--batch", type=int, default=1)
+    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--mode", default="both", choices=["isolated", "accumulated", "both"])
+    dv.add_argument("--inject", action="append", default=[], metavar="'layer=L component=C scale=S'",
+                    help="plant a bug in the JAX side (repeatable)")
+    dv.add_argument("--out", default="reports/diverge")
+    dv.add_argument("--tolerances", default=None)
+    dv.set_defaults(fn=cmd_diverge)
 
     m = sub.add_parser("mutants", help="prove the tests kill every registered bug class")
     m.add_argument("--ops", nargs="*")

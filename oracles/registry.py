@@ -27,7 +27,7 @@ from oracles import compare
 # The ops, in the order reports list them. Adding an op: kernels/<op>.py,
 # oracles/<op>.py (oracle + HARNESS), oracles/mutants/<op>.py, tests/test_<op>.py,
 # a tolerances.yaml entry, and its name here.
-OP_NAMES: tuple[str, ...] = ("rms_norm", "softmax")
+OP_NAMES: tuple[str, ...] = ("rms_norm", "softmax", "attention", "swiglu", "projection", "embedding", "rope", "qwen2")
 MUTANT_ENV = "PARITY_MUTANT"
 
 
@@ -83,12 +83,15 @@ class Harness:
     evaluate:   ``(case, kernel_fn) -> Outcome``: build inputs, run kernel / oracle / truth.
     properties: ``(case, outcome, budget) -> list[Judgment]``: the op's exact checks.
     kernel:     the real JAX kernel (what mutants replace).
+    examples_scale: the share of a sweep's examples this op runs (a whole-model case
+                costs a few seconds where an op's costs milliseconds).
     """
 
     cases: Callable
     evaluate: Callable
     kernel: Callable
     properties: Callable | None = None
+    examples_scale: float = 1.0
 
 
 def harness(op: str) -> Harness:

@@ -72,7 +72,7 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
     be = backend or registry.backend()
 
     @hyp_seed(seed)
-    @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
+    @settings(max_examples=max(1, round(examples * h.examples_scale)), database=None, deadline=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=h.cases(dtype=dtype))
     def run(case):

@@ -102,7 +102,7 @@ def _section(node, name):
 
 
 def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loosen: bool,
-               examples: int, seed: int, profile: str = "parity tighten") -> list[Change]:
+               seed: int, profile: str = "parity tighten") -> list[Change]:
     """Fold sweep rows (one per op/dtype/recipe) into ``tol.data`` in place; return the changes."""
     from ruamel.yaml.comments import CommentedMap
 
@@ -123,6 +123,7 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
             if sibling.get("properties"):
                 by_dtype[backend]["properties"] = CommentedMap((k, 0.0) for k in sibling["properties"])
         entry = by_dtype[backend]
+        examples = sum(r.examples for r in rs)  # the cases this entry's numbers rest on
         # A smaller sample than the one a budget was measured on has seen fewer rare
         # events (rounding ties): it may confirm a budget but not tighten it.
         prev_examples = (entry.get("provenance") or {}).get("examples", 0) or 0

@@ -27,8 +27,8 @@ def _tol(tmp_path, text=TEXT):
     return budgets.load(p)
 
 
-def _row(recipe, max_ulps, frac, ratio):
-    r = Row("rms_norm", "bfloat16", recipe, examples=10)
+def _row(recipe, max_ulps, frac, ratio, examples=10):
+    r = Row("rms_norm", "bfloat16", recipe, examples=examples)
     r.measured = {"parity.max_ulps": max_ulps, "parity.mismatch_frac": frac, "accuracy.ratio": ratio,
                   "finite.nonfinite": 0.0}
     return r
@@ -43,7 +43,7 @@ def test_readable_ceiling(v, expected):
 def test_tightens_base_and_recipe_override_separately(tmp_path):
     tol = _tol(tmp_path)
     ch = tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5), _row("gemma", 0.0, 0.0, 0.2)], backend="cpu",
-                            margin=1.25, allow_loosen=False, examples=10, seed=0)
+                            margin=1.25, allow_loosen=False, seed=0)
     e = tol.data["rms_norm"]["bfloat16"]["cpu"]
     assert e["parity"]["max_ulps"] == 2  # 1 x 1.25 -> 1.5 -> whole ulps: 2
     assert e["parity"]["mismatch_frac"] == pytest.approx(0.0015)
@@ -55,31 +55,31 @@ def test_tightens_base_and_recipe_override_separately(tmp_path):
 def test_never_loosens_without_permission_and_says_why(tmp_path):
     tol = _tol(tmp_path)
     ch = tighten.apply_rows(tol, [_row("hf", 9.0, 0.001, 0.5)], backend="cpu", margin=1.25,
-                            allow_loosen=False, examples=10, seed=0)
+                            allow_loosen=False, seed=0)
     assert tol.data["rms_norm"]["bfloat16"]["cpu"]["parity"]["max_ulps"] == 4
     refused = [c for c in ch if c.action == "refused"]
     assert len(refused) == 1 and "breach" in refused[0].line()
     tighten.apply_rows(tol, [_row("hf", 9.0, 0.001, 0.5)], backend="cpu", margin=1.25,
-                       allow_loosen=True, examples=10, seed=0)
+                       allow_loosen=True, seed=0)
     assert tol.data["rms_norm"]["bfloat16"]["cpu"]["parity"]["max_ulps"] == 12  # 9 x 1.25 = 11.25 -> 12
 
 
 def test_smaller_sample_cannot_tighten(tmp_path):
     tol = _tol(tmp_path)
-    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5)], backend="cpu", margin=1.25, allow_loosen=False,
-                       examples=5, seed=0)
+    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=5)], backend="cpu", margin=1.25,
+                       allow_loosen=False, seed=0)
     assert tol.data["rms_norm"]["bfloat16"]["cpu"]["parity"]["max_ulps"] == 4
 
 
 def test_written_file_keeps_comments_and_reloads_and_second_run_is_a_fixed_point(tmp_path):
     tol = _tol(tmp_path)
     rows = [_row("hf", 1.0, 0.001, 0.5)]
-    tighten.apply_rows(tol, rows, backend="cpu", margin=1.25, allow_loosen=False, examples=10, seed=0)
+    tighten.apply_rows(tol, rows, backend="cpu", margin=1.25, allow_loosen=False, seed=0)
     tighten.write_atomic(tol.path, tighten.dump(tol.data))
     text1 = tol.path.read_text()
     assert "# top comment survives" in text1 and "# entry comment survives" in text1
     tol2 = budgets.load(tol.path)  # still valid
-    ch = tighten.apply_rows(tol2, rows, backend="cpu", margin=1.25, allow_loosen=False, examples=10, seed=0)
+    ch = tighten.apply_rows(tol2, rows, backend="cpu", margin=1.25, allow_loosen=False, seed=0)
     assert {c.action for c in ch} == {"keep"}
     tighten.write_atomic(tol2.path, tighten.dump(tol2.data))
     assert tol2.path.read_text() == text1  # same day: identical
@@ -87,8 +87,7 @@ def test_written_file_keeps_comments_and_reloads_and_second_run_is_a_fixed_point
 
 def test_new_backend_entry_is_created_with_provenance(tmp_path):
     tol = _tol(tmp_path)
-    ch = tighten.apply_rows(tol, [_row("hf", 2.0, 0.01, 1.5)], backend="gpu", margin=1.25, allow_loosen=False,
-                            examples=10, seed=0)
+    ch = tighten.apply_rows(tol, [_row("hf", 2.0, 0.01, 1.5)], backend="gpu", margin=1.25, allow_loosen=False, seed=0)
     assert {c.action for c in ch} == {"new"}
     e = tol.data["rms_norm"]["bfloat16"]["gpu"]
     assert e["parity"]["max_ulps"] == 3 and e["provenance"]["backend"] == "gpu"
