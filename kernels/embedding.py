@@ -22,6 +22,14 @@ import numpy as np
 from kernels._checks import dtype_name, require_float
 
 
+def _concrete(ids) -> np.ndarray | None:
+    """The ids' values if they are known now (numpy, or jax outside jit); None when traced."""
+    try:
+        return np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:  # traced inside jit/vmap: values unknown until run
+        return None
+
+
 def embed(ids: jax.Array, table: jax.Array, *, checked: bool = True) -> jax.Array:
     """Rows of ``table[V, D]`` for integer ``ids[...]``: returns ``[..., D]`` of ``table.dtype``.
 
@@ -34,8 +42,8 @@ def embed(ids: jax.Array, table: jax.Array, *, checked: bool = True) -> jax.Arra
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"embed: ids must have an integer dtype, got {dtype_name(ids.dtype)} with shape {tuple(ids.shape)}")
     v = table.shape[0]
-    if not isinstance(ids, jax.core.Tracer):
-        concrete = np.asarray(ids)
+    concrete = _concrete(ids)
+    if concrete is not None:
         bad = (concrete < 0) | (concrete >= v)
         if bad.any():
             i = tuple(int(k) for k in np.argwhere(bad)[0])

@@ -156,9 +156,17 @@ class Tolerances:
         except KeyError:
             raise BudgetError(f"{self.path}: no budget for {op}.{dtype}.{backend}") from None
 
-    def lookup(self, op: str, dtype: str, backend: str = "cpu", recipe: str | None = None) -> Budget:
+    def lookup(self, op: str, dtype: str, backend: str = "cpu", recipe: str | None = None, *,
+               measure_only: bool = False) -> Budget:
+        """The budget of ``op`` in ``dtype`` on ``backend`` (with ``recipe``'s overrides).
+
+        ``measure_only`` (``parity tighten`` measuring a backend with no entry yet): a
+        budget that judges nothing, with another backend's floors and property names.
+        """
         if op not in self.known_ops:
             raise BudgetError(f"unknown op {op!r} (known: {list(self.known_ops)})")
+        if measure_only and backend not in (self.data.get(op, {}).get(dtype) or {}):
+            return self._unbounded(op, dtype, backend, recipe)
         e = self.entry(op, dtype, backend)
         parity, accuracy = dict(e["parity"]), dict(e["accuracy"])
         props = dict(e.get("properties") or {})
@@ -170,6 +178,18 @@ class Tolerances:
             props.update(sub.get("properties") or {})
             path += f".recipes.{recipe}"
         return Budget(op, dtype, backend, recipe, ParityBudget(**parity), AccuracyBudget(**accuracy), props, path)
+
+    def _unbounded(self, op: str, dtype: str, backend: str, recipe: str | None) -> Budget:
+        sibling = next(iter((self.data.get(op, {}).get(dtype) or {}).values()), None) or {}
+        floor_rel = (sibling.get("parity") or {}).get("floor_rel", 0.001)
+        floor_ulps = (sibling.get("accuracy") or {}).get("floor_ulps", 1)
+        inf = float("inf")
+        return Budget(op, dtype, backend, recipe, ParityBudget(inf, inf, floor_rel), AccuracyBudget(inf, floor_ulps),
+                      _inf_like(sibling.get("properties") or {}), f"{op}.{dtype}.{backend} (measuring: no budget yet)")
+
+
+def _inf_like(d: dict) -> dict:
+    return {k: float("inf") for k in d}
 
 
 def yaml_rt() -> YAML:

@@ -152,7 +152,7 @@ def cmd_tighten(args) -> int:
                     for dt in dts:
                         prog.update(task, description=f"{op} {dt}")
                         got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol, backend=be,
-                                    on_case=lambda *_: prog.advance(task))
+                                    on_case=lambda *_: prog.advance(task), measure_only=True)
                         rows.extend(got.values())
             changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
                                          seed=args.seed, profile=args.profile)

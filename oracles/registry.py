@@ -160,11 +160,12 @@ def judge_case(case: Case, outcome: Outcome, budget) -> list[compare.Judgment]:
     return js
 
 
-def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str | None = None):
+def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str | None = None,
+             measure_only: bool = False):
     """Evaluate and judge one case. Returns ``(outcome, budget, judgments)``."""
     h = harness(case.op)
     outcome = h.evaluate(case, kernel if kernel is not None else active_kernel(case.op))
-    budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe)
+    budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe, measure_only=measure_only)
     return outcome, budget, judge_case(case, outcome, budget)
 
 

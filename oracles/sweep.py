@@ -61,7 +61,8 @@ class Row:
 
 
 def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend: str | None = None,
-          on_case: Callable | None = None, kernel: Callable | None = None) -> dict[str | None, Row]:
+          on_case: Callable | None = None, kernel: Callable | None = None,
+          measure_only: bool = False) -> dict[str | None, Row]:
     """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen.
 
     ``on_case(case, outcome, budget, judgments)`` is called after each case (progress
@@ -76,7 +77,7 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=h.cases(dtype=dtype))
     def run(case):
-        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be)
+        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be, measure_only=measure_only)
         rows.setdefault(case.recipe, Row(op, dtype, case.recipe)).fold(case, budget, js)
         if on_case:
             on_case(case, outcome, budget, js)
