@@ -391,6 +391,50 @@ def rope_cos_sin(positions: jax.Array, inv_freq, *, attention_scaling: float = 1
 # apply_rope
 # ---------------------------------------------------------------------------------
 
+def _round_f32_to(p: jax.Array, dt) -> jax.Array:
+    """float32 values rounded (to nearest, ties to even) to bf16/f16 values, kept in float32.
+
+    ``reduce_precision`` rounds the mantissa; float16's narrower exponent range is handled
+    by hand: below its smallest normal the grid is multiples of 2**-24 (``reduce_precision``
+    with 5 exponent bits flushes those to 0), and what rounds past 65504 overflows to inf.
+    """
+    fi = jnp.finfo(dt)
+    r = jax.lax.reduce_precision(p, exponent_bits=8, mantissa_bits=fi.nmant)
+    if fi.nexp == 8:  # bfloat16: float32's own exponent range
+        return r
+    spacing = float(fi.smallest_subnormal)  # 2**-24 for float16
+    sub = jnp.round(p / spacing) * spacing  # exact scaling by a power of two; round-half-even
+    r = jnp.where(jnp.abs(p) < float(fi.smallest_normal), sub, r)
+    return jnp.where(jnp.abs(r) > float(fi.max), jnp.sign(r) * jnp.inf, r)  # float16 overflow
+
+
+def _sum_of_rounded_products(a, b, c, d, dt):
+    """``round(round(a*b) + round(c*d))`` in ``dt``, as torch's elementwise ops compute it.
+
+    Under jit, XLA's CPU backend contracts ``a*b + c*d`` into ``fma(a, b, round(c*d))``
+    (openxla/xla#41579; measured: 25% of float32 results differ from torch), and neither an
+    optimisation barrier (expanded before fusion) nor bitcasts prevent it. So:
+    - float32/float64: each product gets ``+ z``, a zero XLA cannot prove is zero
+      (``min(|a|, 0)``); a contraction can then only form ``fma(a, b, z) = round(a*b)``.
+    - bfloat16/float16: the product of two such values is exact in float32 (at most 22
+      significant bits), so it is formed there and rounded to ``dt``'s mantissa with
+      ``reduce_precision``, then summed in float32 and rounded once more to ``dt``, as
+      torch's CPU kernels do. A convert pair (``.astype(dt).astype(f32)``) does not work:
+      XLA drops it as "excess precision" (measured: float16 parity unchanged with it).
+    """
+    if jnp.dtype(dt) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        # The opaque zero comes from the data (a), never from the tables: tables closed over
+        # as constants would let XLA fold it to 0 and contract again (measured in the localizer).
+        z = jnp.minimum(jnp.abs(a), 0.0)  # NaN only where a is NaN, and a*b is NaN there anyway
+        return (a * b + z) + (c * d + z)
+
+    def rounded(u, v):  # the exact f32 product, rounded to dt, kept in f32
+        p = u.astype(jnp.float32) * v.astype(jnp.float32)  # exact: bf16/f16 products fit in f32
+        return _round_f32_to(p, dt)
+
+    return (rounded(a, b) + rounded(c, d)).astype(dt)  # f32 sum, one rounding to dt
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "half") -> jax.Array:
     """Rotate the first R channels of ``x[B, T, N, H]`` by the tables ``cos``/``sin[B, T, R]``.
 
@@ -427,10 +471,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "h
         s = jnp.repeat(s[..., : r // 2], 2, axis=-1)  # [B, T, 1, R]
         pairs = xr.reshape(*xr.shape[:-1], r // 2, 2)  # [B, T, N, R/2, 2]
         rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)  # [B, T, N, R]
-    # torch rounds each product to dt before the sum. XLA would otherwise contract the
-    # products into an FMA (float32) or keep them in float32 (float16 "excess precision").
-    p1, p2 = jax.lax.optimization_barrier((xr * c, rotated * s))  # [B, T, N, R] each
-    y = p1 + p2
+    y = _sum_of_rounded_products(xr, c, rotated, s, dt)  # [B, T, N, R]
     if r == h:
         return y
     return jnp.concatenate([y, x[..., r:].astype(dt)], axis=-1)  # [B, T, N, H]
