@@ -226,7 +226,10 @@ def cmd_diverge(args) -> int:
     diverge.write_json(reports, out / "diverge.json")
     diverge.plot(reports, out / "diverge.png")
     print(f"wrote {out / 'diverge.json'} and {out / 'diverge.png'}")
-    return EXIT_BREACH if any(r.first_divergence for r in reports) else 0
+    # Isolated mode decides the exit status when it ran: in accumulated mode every later
+    # component inherits the earlier roundings, so its budgets flag honest drift too.
+    judged = [r for r in reports if r.mode == "isolated"] or reports
+    return EXIT_BREACH if any(r.first_divergence for r in judged) else 0
 
 
 def _repo_root() -> Path:

@@ -391,7 +391,9 @@ def print_reports(reports: list[Report], console) -> None:
         console.print(f"logits: KL max {lg['kl_max']:.3g} mean {lg['kl_mean']:.3g}, top-1 agreement "
                       f"{100 * lg['top1_agreement']:.1f}%, top-5 overlap {100 * lg['top5_overlap']:.1f}%, "
                       f"KL-position corr {lg['kl_position_corr']:+.2f}")
-        console.print(f"first component over budget ({rep.mode}): "
+        label = "first component over budget" if rep.mode == "isolated" else \
+            "first component over its op budget (accumulated: inherited drift counts too)"
+        console.print(f"{label}: "
                       + (f"[red]{rep.first_divergence}[/]" if rep.first_divergence else "[green]none[/]"))
         if rep.depth_growth and len(rep.depth_growth) > 1:
             g = [b / a if a else math.inf for a, b in zip(rep.depth_growth, rep.depth_growth[1:])]
