@@ -240,7 +240,6 @@ def _repo_root() -> Path:
 
 
 def cmd_mutants(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from oracles.registry import MUTANT_ENV, mutants

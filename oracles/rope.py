@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from kernels.rope import _OPTIONAL, LAYOUTS, ROPE_TYPES  # plain data (no JAX call)
+from kernels.rope import LAYOUTS, ROPE_TYPES  # plain data (no JAX call)
 
 
 def _exps(n_pairs: int, denom: int, dt) -> torch.Tensor:

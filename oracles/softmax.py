@@ -43,8 +43,8 @@ def softmax(x: torch.Tensor, *, axis: int = -1, where: torch.Tensor | None = Non
 MASK_KINDS = ("none", "random", "causal", "fully_masked_rows", "single_key", "padding_causal")
 
 
-def make_mask(kind: str, shape: tuple, rng) -> "np.ndarray | None":
-    """A boolean visibility mask [rows, S] of the given kind (True = visible)."""
+def make_mask(kind: str, shape: tuple, rng):
+    """A boolean visibility mask [rows, S] of the given kind (True = visible), or None."""
     import numpy as np
 
     rows, s = shape

@@ -14,7 +14,7 @@ from kernels.embedding import embed as real_embed
 from oracles.arrays import TORCH_DTYPES, to_torch
 from oracles.embedding import _inputs
 from oracles.embedding import embed as oracle
-from oracles.registry import active_kernel, check_case, harness, jitted
+from oracles.registry import active_kernel, check_case, harness
 from tests.strategies import DTYPES
 
 H = harness("embedding")

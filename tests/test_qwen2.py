@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kernels.models import qwen2 as M
 from oracles import diverge
 from oracles.arrays import torch_to_numpy
-from oracles.qwen2 import FAMILY_CONFIGS, hf_model_in, tiny_config
+from oracles.qwen2 import hf_model_in, tiny_config
 from oracles.registry import active_kernel, check_case, harness
 from tests.strategies import DTYPES
 
