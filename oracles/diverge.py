@@ -16,6 +16,7 @@ For the logits it also reports the per-token KL divergence and top-k agreement.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -170,9 +171,31 @@ def hf_capture(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 # --- the JAX side -----------------------------------------------------------------------
 
+def _same_kind_layer(cfg, i: int) -> int:
+    """The first layer of layer i's attention kind: the only thing a step's code depends on."""
+    if not cfg.layer_types:
+        return 0
+    return cfg.layer_types.index(cfg.layer_types[i])
+
+
+@functools.lru_cache(maxsize=None)
+def _isolated_step(cfg, name: str, layer: int):
+    """One jitted step of ``layer_steps``, taking the layer's params as an argument: one
+    compile serves every layer of the same kind (not one per component and layer)."""
+    import jax
+
+    from kernels.models import qwen2 as M
+
+    def run(lp, cos, sin, positions, *args):
+        steps = {n: fn for n, _, fn in M.layer_steps(lp, cos, sin, cfg=cfg, layer=layer, q_positions=positions,
+                                                      kv_positions=positions, kv_valid=None)}
+        return steps[name](*args)
+
+    return jax.jit(run)
+
+
 def jax_isolated(params, cfg, ids, hf: dict, inject) -> dict[str, np.ndarray]:
     """Each JAX component computed from transformers' values for its inputs."""
-    import jax
     import jax.numpy as jnp
 
     from kernels.embedding import embed
@@ -186,10 +209,11 @@ def jax_isolated(params, cfg, ids, hf: dict, inject) -> dict[str, np.ndarray]:
     cos, sin = M.rope_tables(cfg, positions, dtype, seq_len=t)
     for i, lp in enumerate(params["layers"]):
         env = {"layer_input": jnp.asarray(hf["embedding"] if i == 0 else hf[f"layers.{i - 1}.mlp_residual"])}
-        for name, inputs, fn in M.layer_steps(lp, cos, sin, cfg=cfg, layer=i, q_positions=positions,
-                                              kv_positions=positions, kv_valid=None):
+        for name, inputs, _ in M.layer_steps(lp, cos, sin, cfg=cfg, layer=i, q_positions=positions,
+                                             kv_positions=positions, kv_valid=None):
             args = [env[n] if n == "layer_input" else jnp.asarray(hf[f"layers.{i}.{n}"]) for n in inputs]
-            out[f"layers.{i}.{name}"] = M._tap(None, name, jax.jit(fn)(*args), inject, i)
+            step = _isolated_step(cfg, name, _same_kind_layer(cfg, i))
+            out[f"layers.{i}.{name}"] = M._tap(None, name, step(lp, cos, sin, positions, *args), inject, i)
     last = jnp.asarray(hf[f"layers.{cfg.num_hidden_layers - 1}.mlp_residual"])
     out |= _head_isolated(params, cfg, last, jnp.asarray(hf["final_norm"]), inject)
     return {k: np.asarray(v) for k, v in out.items()}
