@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels._dot import dot_f32
 from kernels._checks import dtype_name, require_choice, require_float
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
@@ -63,7 +64,10 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
         _same_dtype("linear", "b", b, x)
         if b.shape != (w.shape[1],):
             raise ValueError(f"linear: b must have shape [O] = ({w.shape[1]},), got {tuple(b.shape)}")
-    acc = jnp.matmul(x, w, precision=PRECISIONS[precision], preferred_element_type=jnp.float32)  # f32 [..., O]
+    if precision == "highest":
+        acc = dot_f32(x, w)  # f32 [..., O], the accurate float32 accumulation (kernels._dot)
+    else:  # an explicit opt-in to a lower precision: XLA's plain matmul at that precision
+        acc = jnp.matmul(x, w, precision=PRECISIONS[precision], preferred_element_type=jnp.float32)  # f32 [..., O]
     if b is not None:
         acc = acc + b.astype(jnp.float32)  # torch adds the bias in f32, before rounding
     return acc.astype(x.dtype)  # the single rounding, to the model dtype
@@ -99,10 +103,7 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, tied
             f"lm_head: w must have shape {want} with D = {h.shape[-1] if h.ndim else '?'} (last dim of h "
             f"{tuple(h.shape)}), got {tuple(w.shape)}"
         )
-    acc = jax.lax.dot_general(  # f32 [..., V]: contract h's D with w's D axis, no transpose
-        h, w, dimension_numbers=(((h.ndim - 1,), (d_axis,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
-    )
+    acc = dot_f32(h, w, w_contract=d_axis)  # f32 [..., V]: contract h's D with w's D axis, no transpose
     if logits_dtype == "float32":
         return acc  # f32 logits asked for: no rounding at all
     return acc.astype(h.dtype)  # HF's lm_head rounds once to the model dtype

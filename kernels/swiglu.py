@@ -27,9 +27,10 @@ mixed dtypes too).
 
 from __future__ import annotations
 
-import jax
+import jax  # noqa: F401  (jax.Array annotations)
 import jax.numpy as jnp
 
+from kernels._dot import dot_f32
 from kernels._checks import dtype_name, require_choice, require_float
 
 RECIPES = ("hf", "fp32_act")
@@ -38,10 +39,11 @@ RECIPES = ("hf", "fp32_act")
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x[..., I] @ w[I, O]`` accumulated in float32 and returned in float32 (unrounded).
 
-    ``precision=HIGHEST``: for float32 operands XLA's default precision on GPUs is
-    TF32 (10-bit mantissa inputs); HIGHEST keeps full float32 everywhere.
+    ``kernels._dot.dot_f32``: full float32 (never TF32 on GPUs), and on CPU a long
+    reduction over few rows is summed in chunks (XLA's sequential matrix-vector sum is
+    3-14x less accurate than torch's gemv there).
     """
-    return jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [..., O]
+    return dot_f32(x, w)  # [..., O] f32
 
 
 def silu_f32(g: jax.Array) -> jax.Array:

@@ -1,0 +1,104 @@
+"""One float32-accumulating contraction for every matmul of the kernels.
+
+``dot_f32(x, w)`` is ``x[..., K] @ w`` with products and sums in float32, returned in
+float32 (unrounded), at ``precision=HIGHEST`` (a float32 matmul never falls to TF32 on
+a GPU).
+
+Why not a bare ``jnp.matmul``: XLA's CPU backend compiles a matmul with few rows (a
+decode step, a single-row projection) to its own matrix-vector loop, which accumulates
+each output as one sequential float32 sum over all K terms. Over K = 18944 (Qwen2.5-7B's
+MLP width) that sum is measured 3x less accurate than torch's MKL gemv, and 14x on the
+worst of 1000 fuzzed MLP cases (`benchmarks/results` and tolerances.yaml's provenance).
+The CPU path therefore splits the reduction into ``c`` chunks of ``K / c`` terms, lets
+XLA contract each chunk (a batched matmul), and adds the ``c`` float32 partial sums:
+the error of a chunked sum grows like ``sqrt(K/c) + sqrt(c)`` instead of ``sqrt(K)``
+ulps for random terms, and ``K/c`` terms per chunk is also how a blocked BLAS bounds
+its sums. The price is a ``[..., c, N]`` float32 partial (``c`` times the output), so
+the split is used only where that stays small: few rows (the case XLA sums
+sequentially) and long reductions. Larger matmuls go to XLA's blocked gemm (Eigen),
+which is as accurate as torch's there. Other backends (GPU: cuBLAS) get the plain
+matmul. bfloat16/float16 inputs are not split either: torch's CPU matmul for those
+sums in XLA's sequential order (a swiglu down projection, K = 4864, one row: bit-exact
+with the plain matmul, 62% of elements off by up to 17 bf16 ulps with the split), so
+the plain matmul is what reproduces HF's bits; their float32 sums are far more precise
+than the bf16/f16 rounding that follows anyway. The chunk count depends only on static shapes, so a compiled function has one
+fixed summation order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# A chunk of this many terms at most: a blocked BLAS's depth (MKL/Eigen kc is 256-512).
+CHUNK = 256
+# ... and at least this many chunks: torch's CPU gemm keeps 16 float32 partial sums per
+# output (one per AVX-512 lane) and adds them at the end, so even a 128-term sum is
+# split 16 ways there.
+LANES = 16
+# Split only a reduction at least this long.
+MIN_SPLIT_K = 64
+# ... only for this many rows at most (XLA's own matrix-vector loop; more rows go to
+# its blocked gemm, which is as accurate as torch's and which a split would slow down) ...
+MAX_SPLIT_ROWS = 8
+# ... and only while the float32 partials [rows, c, N] stay under this many elements.
+MAX_PARTIAL_ELEMS = 1 << 23
+
+
+def _chunk_count(k: int) -> int:
+    """The number of chunks ``c`` (a divisor of ``k``): at least ``LANES``, and enough that
+    ``k / c <= CHUNK``; 1 if no divisor fits.
+
+    The smallest such divisor keeps chunks long and partials few. A ``k`` with no divisor
+    in range (a large prime) is not split: padding it would copy the weight.
+    """
+    if k < MIN_SPLIT_K:
+        return 1
+    lo = max(LANES, -(-k // CHUNK))  # ceil(k / CHUNK): fewer chunks would make them longer than CHUNK
+    for c in range(lo, min(k, 4 * lo) + 1):
+        if k % c == 0:
+            return c
+    return 1
+
+
+def _plain(x, w, dims):
+    return jax.lax.dot_general(x, w, dimension_numbers=(dims, ((), ())), precision=_HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0) -> jax.Array:
+    """``x[..., K]`` contracted with axis ``w_contract`` of the 2-D ``w``; float32 result.
+
+    ``w_contract=0``: ``w`` is ``[K, N]`` (a Linear weight stored ``[in, out]``).
+    ``w_contract=1``: ``w`` is ``[N, K]`` (a tied embedding table read in place).
+    Returns ``[..., N]`` float32: products and sums in float32, never rounded to the
+    inputs' dtype (the caller rounds, once).
+    """
+    k = x.shape[-1]
+    n = w.shape[1 - w_contract]
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    dims = ((x.ndim - 1,), (w_contract,))
+    c = _chunk_count(k)
+    if x.dtype != jnp.float32 or c == 1 or rows > MAX_SPLIT_ROWS or rows * c * n > MAX_PARTIAL_ELEMS:
+        return _plain(x, w, dims)  # [..., N]
+
+    def split(x, w):
+        if w_contract == 0:
+            x2 = x.reshape(rows, c, k // c).swapaxes(0, 1)  # [c, rows, K/c]: the chunk is the batch
+            ws = w.reshape(c, k // c, n)  # [c, K/c, N]: row-major, a free view
+            part = jax.lax.dot_general(x2, ws, dimension_numbers=(((2,), (1,)), ((0,), (0,))),
+                                       precision=_HIGHEST, preferred_element_type=jnp.float32)  # [c, rows, N]
+            total = jnp.sum(part, axis=0)  # [rows, N]: the c partial sums, added in float32
+        else:
+            # A table [N, K] read in place, its K contiguous: a batched matmul over c would
+            # make XLA transpose (copy) it. Products and the two sums instead, which XLA
+            # fuses into one pass over the table (measured as fast as its plain matmul).
+            x4 = x.reshape(rows, 1, c, k // c).astype(jnp.float32)  # [rows, 1, c, K/c]; products in f32
+            w4 = w.reshape(1, n, c, k // c).astype(jnp.float32)  # [1, N, c, K/c]; bf16/f16 products are exact in f32
+            total = jnp.sum(jnp.sum(x4 * w4, axis=3), axis=2)  # [rows, N]: each chunk, then the c partials
+        return total.reshape(*x.shape[:-1], n)  # [..., N]
+
+    return jax.lax.platform_dependent(x, w, cpu=split, default=lambda x, w: _plain(x, w, dims))
