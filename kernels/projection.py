@@ -24,8 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._dot import dot_f32
 from kernels._checks import dtype_name, require_choice, require_float
+from kernels._dot import dot_f32
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 LOGITS_DTYPES = (None, "float32")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels._checks import require_choice, require_float, require_positive
+from kernels._round import round_to
 
 RECIPES = ("hf", "gemma", "fp32_weight")
 
@@ -84,8 +85,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
     if recipe == "hf":
         # Round the normalised value to the input dtype before the weight, as
         # Qwen2RMSNorm does; the product then follows torch-style promotion.
+        # round_to: a rounding XLA cannot drop as excess precision when out_dtype is f32.
         out_dtype = jnp.promote_types(weight.dtype, x.dtype)
-        return weight.astype(out_dtype) * y.astype(x.dtype).astype(out_dtype)
+        return weight.astype(out_dtype) * round_to(y, x.dtype).astype(out_dtype)
     if recipe == "gemma":
         # Gemma applies (1 + w) in float32 and rounds once at the end.
         return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels._checks import require_choice, require_float, require_ndim
+from kernels._round import round_to
 from kernels._powf import torch_cpu_powf
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -391,23 +392,6 @@ def rope_cos_sin(positions: jax.Array, inv_freq, *, attention_scaling: float = 1
 # apply_rope
 # ---------------------------------------------------------------------------------
 
-def _round_f32_to(p: jax.Array, dt) -> jax.Array:
-    """float32 values rounded (to nearest, ties to even) to bf16/f16 values, kept in float32.
-
-    ``reduce_precision`` rounds the mantissa; float16's narrower exponent range is handled
-    by hand: below its smallest normal the grid is multiples of 2**-24 (``reduce_precision``
-    with 5 exponent bits flushes those to 0), and what rounds past 65504 overflows to inf.
-    """
-    fi = jnp.finfo(dt)
-    r = jax.lax.reduce_precision(p, exponent_bits=8, mantissa_bits=fi.nmant)
-    if fi.nexp == 8:  # bfloat16: float32's own exponent range
-        return r
-    spacing = float(fi.smallest_subnormal)  # 2**-24 for float16
-    sub = jnp.round(p / spacing) * spacing  # exact scaling by a power of two; round-half-even
-    r = jnp.where(jnp.abs(p) < float(fi.smallest_normal), sub, r)
-    return jnp.where(jnp.abs(r) > float(fi.max), jnp.sign(r) * jnp.inf, r)  # float16 overflow
-
-
 def _sum_of_rounded_products(a, b, c, d, dt):
     """``round(round(a*b) + round(c*d))`` in ``dt``, as torch's elementwise ops compute it.
 
@@ -430,7 +414,7 @@ def _sum_of_rounded_products(a, b, c, d, dt):
 
     def rounded(u, v):  # the exact f32 product, rounded to dt, kept in f32
         p = u.astype(jnp.float32) * v.astype(jnp.float32)  # exact: bf16/f16 products fit in f32
-        return _round_f32_to(p, dt)
+        return round_to(p, dt)
 
     return (rounded(a, b) + rounded(c, d)).astype(dt)  # f32 sum, one rounding to dt
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 import jax  # noqa: F401  (jax.Array annotations)
 import jax.numpy as jnp
 
-from kernels._dot import dot_f32
 from kernels._checks import dtype_name, require_choice, require_float
+from kernels._dot import dot_f32
+from kernels._round import round_to
 
 RECIPES = ("hf", "fp32_act")
 
@@ -98,9 +99,10 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, 
         # Linear rounds its output to the model dtype: g and u are rounded once each,
         # silu rounds once (computed in f32), and the product of two model-dtype values is
         # exact in f32, so multiplying in f32 and rounding is the correctly rounded product.
-        g, u = g.astype(dt), u.astype(dt)
-        a = silu_f32(g).astype(dt)
-        h = (a.astype(jnp.float32) * u.astype(jnp.float32)).astype(dt)  # [..., F]
+        # round_to keeps each rounding in float32 where XLA cannot drop it (excess precision).
+        g, u = round_to(g, dt), round_to(u, dt)
+        a = round_to(silu_f32(g), dt)
+        h = (a * u).astype(dt)  # [..., F]
     else:
         # fp32_act: silu and the product stay in f32; one rounding, as the down input.
         h = (silu_f32(g) * u).astype(dt)  # [..., F]
