@@ -66,6 +66,7 @@ from kernels._round import round_to
 from kernels.softmax import softmax
 
 RECIPES = ("hf", "fp32_logits")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 _OP = "gqa_attention"
 
 
@@ -256,6 +257,27 @@ def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, s
     return o.astype(dt).reshape(b, t, n, h)  # [B, T, N, H]
 
 
+def _cudnn(q, k, v, *, scale, causal, q_positions, kv_positions, kv_valid, segment_ids, sliding_window,
+           softcap, recipe, q_chunk):
+    """``jax.nn.dot_product_attention(implementation="cudnn")`` behind this op's contract."""
+    t, s = q.shape[1], k.shape[1]
+    unsupported = {
+        "recipe='hf' (cuDNN keeps the scores in f32; use implementation='pallas')": recipe != "fp32_logits",
+        f"dtype {dtype_name(q.dtype)} (cuDNN takes bfloat16/float16)": q.dtype not in (jnp.bfloat16, jnp.float16),
+        "softcap": softcap is not None, "segment_ids": segment_ids is not None,
+        "q_positions/kv_positions": q_positions is not None or kv_positions is not None,
+        "kv_valid": kv_valid is not None, "q_chunk (cuDNN is already blocked)": q_chunk is not None,
+        f"causal with T={t} != S={s} (jax.nn aligns causal masks top-left; this op bottom-right)": causal and t != s,
+    }
+    bad = [name for name, hit in unsupported.items() if hit]
+    if bad:
+        raise ValueError(f"{_OP}: implementation='cudnn' cannot honour: {'; '.join(bad)}. "
+                         f"Use implementation='xla' (or 'pallas' on a GPU).")
+    window = None if sliding_window is None else (sliding_window - 1, 0)  # W keys: itself and W-1 before
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=window,
+                                        implementation="cudnn")  # [B, T, N, H]
+
+
 def gqa_attention(
     q: jax.Array,
     k: jax.Array,
@@ -271,6 +293,7 @@ def gqa_attention(
     softcap: float | None = None,
     recipe: str = "hf",
     q_chunk: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Grouped-query attention ``softmax(mask(q k^T * scale)) v`` (see the module docstring).
 
@@ -286,6 +309,13 @@ def gqa_attention(
       softcap: ``cap * tanh(s / cap)`` on the scaled scores, before masking (Gemma 2).
       recipe: ``"hf"`` or ``"fp32_logits"`` (module docstring: which to use when).
       q_chunk: process queries in blocks of this many (bounded memory, same numerics).
+      implementation: ``"xla"`` (this module: any backend, every option), ``"cudnn"``
+        (``jax.nn.dot_product_attention``'s cuDNN flash kernel: GPU only, recipe
+        ``"fp32_logits"``, bf16/f16, masks it can express: causal with T == S or none,
+        a sliding window; it normalises after the PV matmul, so it has its own budget) or
+        ``"pallas"`` (``kernels.attention_pallas``: a fused two-pass GPU kernel that keeps
+        either recipe's roundings). ``None`` is ``"xla"``. An option a path cannot honour
+        raises ValueError; nothing falls back silently.
 
     Dtype recipe, step by step: see the module docstring ("hf" rounds the scores to the
     input dtype twice, "fp32_logits" keeps them in f32; both: softmax in f32,
@@ -297,9 +327,20 @@ def gqa_attention(
     _check(q, k, v, scale=scale, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
            segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, softcap=softcap,
            recipe=recipe, q_chunk=q_chunk)
+    require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op=_OP)
     b, t, n, h = q.shape
     s = k.shape[1]
     scale = h ** -0.5 if scale is None else scale
+    if implementation == "pallas":
+        from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
+
+        return pallas_attention(q, k, v, scale=scale, causal=causal, q_positions=q_positions,
+                                kv_positions=kv_positions, kv_valid=kv_valid, segment_ids=segment_ids,
+                                sliding_window=sliding_window, softcap=softcap, recipe=recipe)
+    if implementation == "cudnn":
+        return _cudnn(q, k, v, scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+                      kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,
+                      recipe=recipe, q_chunk=q_chunk)
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))  # [B, T]
     if kv_positions is None:

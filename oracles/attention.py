@@ -80,8 +80,14 @@ def gqa_attention(
     softcap: float | None = None,
     recipe: str = "hf",
     exact: bool = False,
+    terms: bool = False,
 ) -> torch.Tensor:
-    """Oracle of ``kernels.attention.gqa_attention`` on torch tensors ``[B,T,N,H]`` / ``[B,S,K,H]``."""
+    """Oracle of ``kernels.attention.gqa_attention`` on torch tensors ``[B,T,N,H]`` / ``[B,S,K,H]``.
+
+    ``exact=True``: the float64 truth. ``terms=True`` (with ``exact``): instead of the
+    output, each output element's largest term ``max_s p[s] |v[s, h]|`` of the ``p @ v``
+    sum, in float64 ``[B,T,N,H]`` (parity's term scale, ``oracles.compare``).
+    """
     if recipe not in RECIPES:
         raise ValueError(f"gqa_attention: recipe must be one of {list(RECIPES)}, got {recipe!r}")
     b, t, n, h = q.shape
@@ -103,7 +109,12 @@ def gqa_attention(
         if softcap is not None:
             sc = torch.tanh(sc / softcap) * softcap
         p = _softmax(sc, axis=-1, where=where, exact=True)
-        return torch.matmul(p, repeat_kv(vh.to(f64), g)).transpose(1, 2)  # [B, T, N, H]
+        v64 = repeat_kv(vh.to(f64), g)  # [B, N, S, H]
+        if terms:  # one query row at a time: [B, N, S, H] products, not [B, N, T, S, H]
+            va = v64.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs()
+            rows = [(p[:, :, i, :, None] * va).amax(dim=2) for i in range(t)]  # T x [B, N, H]
+            return torch.stack(rows, dim=1)  # [B, T, N, H]
+        return torch.matmul(p, v64).transpose(1, 2)  # [B, T, N, H]
     ks, vs = repeat_kv(kh_, g), repeat_kv(vh, g)  # [B, N, S, H]
     if recipe == "hf":
         sc = torch.matmul(qh, ks.transpose(2, 3)) * scaling  # rounds 1 and 2, in dt  # [B, N, T, S]
@@ -254,8 +265,10 @@ def _evaluate(case, kernel):
     tm = _torch_masks(a)
     o = gqa_attention(qt, kt, vt, **kw, **tm)
     t = gqa_attention(qt, kt, vt, **kw, **tm, exact=True)
+    terms = gqa_attention(qt, kt, vt, **kw, **tm, exact=True, terms=True)
     return Outcome(kernel=to_f64(jax_to_numpy(out)), oracle=to_f64(o), truth=to_f64(t), out_dtype=dtype_name(o.dtype),
-                   inputs=a, kernel_dtype=dtype_name(out.dtype), kernel_shape=tuple(out.shape))
+                   inputs=a, kernel_dtype=dtype_name(out.dtype), kernel_shape=tuple(out.shape),
+                   term_scale=terms.numpy())
 
 
 def _properties(case, outcome, budget):

@@ -6,7 +6,16 @@ Three judgments (DESIGN.md, "The numerics contract"):
    ulps *of the output dtype*, where the ulp is taken at ``max(|oracle|, floor)`` and
    ``floor = floor_rel * max|oracle|`` so that elements near zero (whose ulp is tiny)
    do not explode. The budget bounds the largest distance and the fraction of elements
-   that differ (by half an ulp or more at that floored magnitude).
+   that differ (by half an ulp or more at that floored magnitude). An op whose output
+   is a sum of products (a matmul, attention's ``p @ v``) also passes its per-element
+   **term scale**, the largest ``|a_k * b_k|`` of the sum: the ulp is then taken at
+   ``max(|oracle|, floor, term scale)``. An upstream rounding that flips by one ulp
+   (a bf16 ``h_k`` rounded up in one implementation and down in the other, from a
+   different but equally valid float32 summation order) moves a cancelled output by
+   about ``|w_k| * ulp(h_k)``: one ulp at the term scale, but hundreds at ``|y|`` when
+   ``|y|`` is far below its terms. Differences in the recipe itself (a rounding
+   skipped, added or done in another dtype) move every output by many term-scale ulps
+   and still fail.
 2. **Accuracy** against the float64 truth: ``err(kernel) <= ratio * err(oracle) + floor``
    with ``err`` the largest absolute error over elements whose truth is finite and
    ``floor = floor_ulps`` ulps of the output dtype at ``max|truth|`` (FlashAttention's
@@ -75,10 +84,11 @@ def ulp(magnitude: np.ndarray, dtype: str) -> np.ndarray:
     return np.ldexp(1.0, np.maximum(e - 1 - mant, min_exp))
 
 
-def ulp_distance(kernel, oracle, *, dtype: str, floor_rel: float) -> np.ndarray:
+def ulp_distance(kernel, oracle, *, dtype: str, floor_rel: float, term_scale=None) -> np.ndarray:
     """Elementwise distance in ulps of ``dtype`` between two same-shape arrays.
 
-    The ulp is taken at ``max(|oracle|, floor_rel * max|oracle|)``. Equal values (and
+    The ulp is taken at ``max(|oracle|, floor_rel * max|oracle|, term_scale)``
+    (``term_scale``: optional, broadcastable to the arrays). Equal values (and
     NaN against NaN, same-signed infinities) are 0 ulps; NaN or inf against anything
     else is ``inf``.
     """
@@ -87,7 +97,10 @@ def ulp_distance(kernel, oracle, *, dtype: str, floor_rel: float) -> np.ndarray:
         raise ValueError(f"shape mismatch: kernel {k.shape} vs oracle {o.shape}")
     finite_o = o[np.isfinite(o)]
     top = float(np.max(np.abs(finite_o))) if finite_o.size else 0.0
-    scale = ulp(np.maximum(np.abs(o), floor_rel * top), dtype)
+    mag = np.maximum(np.abs(o), floor_rel * top)
+    if term_scale is not None:
+        mag = np.maximum(mag, np.nan_to_num(np.asarray(term_scale, np.float64), nan=0.0, posinf=0.0))
+    scale = ulp(mag, dtype)
     with np.errstate(invalid="ignore"):
         d = np.abs(k - o) / scale
     same = (k == o) | (np.isnan(k) & np.isnan(o))
@@ -139,9 +152,9 @@ class Judgment:
         return "\n".join(lines)
 
 
-def judge_parity(kernel, oracle, *, dtype: str, budget: ParityBudget, truth=None) -> Judgment:
+def judge_parity(kernel, oracle, *, dtype: str, budget: ParityBudget, truth=None, term_scale=None) -> Judgment:
     """Parity: ulps against the same-dtype oracle, within ``budget``."""
-    d = ulp_distance(kernel, oracle, dtype=dtype, floor_rel=budget.floor_rel)
+    d = ulp_distance(kernel, oracle, dtype=dtype, floor_rel=budget.floor_rel, term_scale=term_scale)
     n = d.size
     # A mismatch is a difference of at least half an ulp at the floored magnitude: two
     # distinct values above the floor are always that far apart, while differences far
@@ -155,7 +168,8 @@ def judge_parity(kernel, oracle, *, dtype: str, budget: ParityBudget, truth=None
         f"Mismatched elements: {mism} / {n} ({100 * frac:.4g}%) "
         f"[budget: at most {100 * budget.mismatch_frac:.4g}% may differ]",
         f"Greatest distance: {_g(worst)} ulps of {dtype} [budget: {_g(budget.max_ulps)} ulps; "
-        f"ulp floor at {budget.floor_rel:g} x max|oracle|]",
+        f"ulp floor at {budget.floor_rel:g} x max|oracle|"
+        + (", and at each element's largest term" if term_scale is not None else "") + "]",
     ]
     j = Judgment(
         "parity",
@@ -170,7 +184,22 @@ def judge_parity(kernel, oracle, *, dtype: str, budget: ParityBudget, truth=None
         j.values = {"kernel": to_f64(kernel).flat[i], "oracle": to_f64(oracle).flat[i]}
         if truth is not None:
             j.values["truth"] = to_f64(truth).flat[i]
+        if term_scale is not None:
+            j.values["term scale"] = float(np.broadcast_to(term_scale, d.shape).flat[i])
     return j
+
+
+def term_scale(a, b) -> np.ndarray:
+    """``max_k |a[..., k] * b[k, n]|`` in float64: the largest term of each output of ``a @ b``.
+
+    Computed a row at a time (``[K, N]`` products), so memory stays at one weight's size.
+    """
+    a = np.abs(np.nan_to_num(to_f64(a), nan=0.0, posinf=0.0, neginf=0.0))
+    b = np.abs(np.nan_to_num(to_f64(b), nan=0.0, posinf=0.0, neginf=0.0))
+    lead = a.shape[:-1]
+    rows = a.reshape(-1, a.shape[-1])  # [R, K]
+    out = np.stack([np.max(r[:, None] * b, axis=0) for r in rows]) if rows.shape[0] else np.zeros((0, b.shape[1]))
+    return out.reshape(*lead, b.shape[1])  # [..., N]
 
 
 def judge_accuracy(kernel, oracle, truth, *, dtype: str, budget: AccuracyBudget) -> Judgment:

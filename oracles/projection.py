@@ -151,7 +151,7 @@ def _oracle(inp, recipe, tied, *, exact=False):
 
 
 def _evaluate(case, kernel):
-    from oracles.compare import dtype_name, to_f64
+    from oracles.compare import dtype_name, term_scale, to_f64
     from oracles.registry import Outcome, jitted
 
     inp = _inputs(case)
@@ -159,8 +159,10 @@ def _evaluate(case, kernel):
     k = jitted(kernel, **kw)(inp["x"], inp["w"], inp.get("b"))
     o = _oracle(inp, kw["recipe"], kw["tied"])
     t = _oracle(inp, kw["recipe"], kw["tied"], exact=True)
+    w = inp["w"].T if kw["tied"] else inp["w"]  # [D, V] either way (a view)
     return Outcome(kernel=to_f64(k), oracle=to_f64(o), truth=to_f64(t), out_dtype=dtype_name(o.dtype),
-                   inputs=inp, kernel_dtype=dtype_name(k.dtype), kernel_shape=tuple(k.shape))
+                   inputs=inp, kernel_dtype=dtype_name(k.dtype), kernel_shape=tuple(k.shape),
+                   term_scale=term_scale(inp["x"], w))
 
 
 def _properties(case, outcome, budget):

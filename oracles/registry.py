@@ -73,6 +73,9 @@ class Outcome:
     # coarser value carried in a wider type (HF RMSNorm rounds to bf16, then a float32
     # weight promotes the product to float32: its precision is bf16's).
     ulp_dtype: str = ""
+    # Optional per-element magnitude for parity's ulps (compare.term_scale): the largest
+    # term of each output of a sum of products.
+    term_scale: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def judge_case(case: Case, outcome: Outcome, budget) -> list[compare.Judgment]:
     if not kept:
         return js
     udt = outcome.ulp_dtype or dt
-    js.append(compare.judge_parity(outcome.kernel, outcome.oracle, dtype=udt, budget=budget.parity, truth=outcome.truth))
+    js.append(compare.judge_parity(outcome.kernel, outcome.oracle, dtype=udt, budget=budget.parity, truth=outcome.truth,
+                                   term_scale=outcome.term_scale))
     js.append(compare.judge_accuracy(outcome.kernel, outcome.oracle, outcome.truth, dtype=udt, budget=budget.accuracy))
     js.append(compare.judge_finite(outcome.kernel, outcome.truth, dtype=dt))
     props = harness(case.op).properties

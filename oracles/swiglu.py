@@ -136,8 +136,10 @@ def _fp16_rescale(x, ws, headroom):
 
 
 def _evaluate(case, kernel):
+    import numpy as np
+
     from oracles.arrays import to_torch
-    from oracles.compare import dtype_name, to_f64
+    from oracles.compare import dtype_name, term_scale, to_f64
     from oracles.registry import Outcome, jitted
 
     inp = _inputs(case)
@@ -147,8 +149,14 @@ def _evaluate(case, kernel):
     ts = [to_torch(inp[n]) for n in names]
     o = swiglu(*ts, **kw)
     t = swiglu(*ts, **kw, exact=True)
+    # The down projection's terms h_k * w_down[k, j], with h from the float64 truth.
+    x64 = np.nan_to_num(to_f64(inp["x"]), nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g, u = x64 @ to_f64(inp["w_gate"]), x64 @ to_f64(inp["w_up"])  # [..., F] f64
+        h = g / (1.0 + np.exp(-g)) * u
     return Outcome(kernel=to_f64(k), oracle=to_f64(o), truth=to_f64(t), out_dtype=dtype_name(o.dtype),
-                   inputs=inp, kernel_dtype=dtype_name(k.dtype), kernel_shape=tuple(k.shape))
+                   inputs=inp, kernel_dtype=dtype_name(k.dtype), kernel_shape=tuple(k.shape),
+                   term_scale=term_scale(h, inp["w_down"]))
 
 
 def _make_harness():
