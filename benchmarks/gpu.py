@@ -741,15 +741,19 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
     if decode:
         b.run_torch_graph(spec, "torch SDPA flash (enable_gqa), CUDA graph", _sdpa(b, "FLASH_ATTENTION", False),
                           tsets, ref=ref, to_common=btnh)
-    variants = [{"recipe": "hf"}, {"recipe": "fp32_logits"}]
+    variants = [{"recipe": "hf"}, {"recipe": "fp32_logits"},
+                {"recipe": "hf", "implementation": "pallas"}, {"recipe": "fp32_logits", "implementation": "pallas"}]
     if not decode:
         variants.append({"recipe": "fp32_logits", "q_chunk": max(1, T // 4)})
+        variants.append({"recipe": "fp32_logits", "implementation": "cudnn"})  # T == S: cuDNN's causal is ours
     for extra in b.args.attn_variants:
         variants.append(dict(extra))
     for kw in variants:
         label = "kernels.gqa_attention(" + ",".join(f"{v}" if k == "recipe" else f"{k}={v}" for k, v in kw.items()) + ")"
+        impl = kw.get("implementation")
         b.run_jax(spec, label, lambda q, k, v, kw=kw: kernels.gqa_attention(q, k, v, causal=True, **kw), jsets,
-                  ref=ref, extra={"recipe": kw.get("recipe", "hf"), "kwargs": kw})
+                  ref=ref, extra={"recipe": kw.get("recipe", "hf"), "kwargs": kw},
+                  needs_gpu=f"implementation={impl!r}" if impl in ("pallas", "cudnn") else None)
     for impl in ("xla", "cudnn"):
         b.run_jax(spec, f"jax.nn.dot_product_attention({impl})",
                   lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=not decode,

@@ -31,12 +31,15 @@ import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# A chunk of this many terms at most: a blocked BLAS's depth (MKL/Eigen kc is 256-512).
-CHUNK = 256
-# ... and at least this many chunks: torch's CPU gemm keeps 16 float32 partial sums per
-# output (one per AVX-512 lane) and adds them at the end, so even a 128-term sum is
-# split 16 ways there.
-LANES = 16
+# A chunk of this many terms at most ...
+CHUNK = 128
+# ... and at least this many chunks. torch's CPU gemm keeps 16 float32 partial sums per
+# output (one per AVX-512 lane) within blocks of K, so even a short sum is split there;
+# 32 chunks keep the kernel's error below torch's on the long tail of fuzzed cases (16
+# left a one-row, K = 3584 projection with a 63x outlier channel at 2.47x torch's error;
+# 32 gives 0.45x), at the speed of the plain matmul for one row (benchmarked in the
+# commit that set it: 1-4 rows within 1.6x, 8 rows of a K = 896 matmul 3.5x slower).
+LANES = 32
 # Split only a reduction at least this long.
 MIN_SPLIT_K = 64
 # ... only for this many rows at most (XLA's own matrix-vector loop; more rows go to
@@ -82,7 +85,9 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0) -> jax.Array:
         rows *= d
     dims = ((x.ndim - 1,), (w_contract,))
     c = _chunk_count(k)
-    if x.dtype != jnp.float32 or c == 1 or rows > MAX_SPLIT_ROWS or rows * c * n > MAX_PARTIAL_ELEMS:
+    # (The tied form's partials are fused away: only the batched matmul materialises them.)
+    too_big = w_contract == 0 and rows * c * n > MAX_PARTIAL_ELEMS
+    if x.dtype != jnp.float32 or c == 1 or rows > MAX_SPLIT_ROWS or too_big:
         return _plain(x, w, dims)  # [..., N]
 
     def split(x, w):

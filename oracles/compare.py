@@ -192,14 +192,18 @@ def judge_parity(kernel, oracle, *, dtype: str, budget: ParityBudget, truth=None
 def term_scale(a, b) -> np.ndarray:
     """``max_k |a[..., k] * b[k, n]|`` in float64: the largest term of each output of ``a @ b``.
 
-    Computed a row at a time (``[K, N]`` products), so memory stays at one weight's size.
+    Computed a row and a block of columns at a time (``[K, 4096]`` products at most).
     """
     a = np.abs(np.nan_to_num(to_f64(a), nan=0.0, posinf=0.0, neginf=0.0))
     b = np.abs(np.nan_to_num(to_f64(b), nan=0.0, posinf=0.0, neginf=0.0))
-    lead = a.shape[:-1]
+    lead, n = a.shape[:-1], b.shape[1]
     rows = a.reshape(-1, a.shape[-1])  # [R, K]
-    out = np.stack([np.max(r[:, None] * b, axis=0) for r in rows]) if rows.shape[0] else np.zeros((0, b.shape[1]))
-    return out.reshape(*lead, b.shape[1])  # [..., N]
+    out = np.zeros((rows.shape[0], n))  # [R, N]
+    for c in range(0, n, 4096):
+        bc = b[:, c:c + 4096]  # [K, <=4096]
+        for i, r in enumerate(rows):
+            out[i, c:c + 4096] = np.max(r[:, None] * bc, axis=0)
+    return out.reshape(*lead, n)  # [..., N]
 
 
 def judge_accuracy(kernel, oracle, truth, *, dtype: str, budget: AccuracyBudget) -> Judgment:

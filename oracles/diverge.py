@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oracles import compare
+from oracles import compare, registry
 
 # Which op budget judges each component (isolated mode). Residual adds and the
 # embedding gather are exact: identical inputs must give identical bits.
@@ -255,7 +255,29 @@ def _ordered_names(cfg) -> list[str]:
     return names + ["final_norm", "logits"]
 
 
-def judge(hf: dict, jx: dict, cfg, *, dtype: str, tolerances, backend: str = "cpu") -> list[ComponentRow]:
+# The projections' inputs and weights: parity's term scale (compare.term_scale) of each.
+PROJECTION_INPUTS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+                     "o_proj": "attention", "gate_proj": "post_attention_layernorm",
+                     "up_proj": "post_attention_layernorm", "down_proj": "act_product"}
+
+
+def projection_term_scales(hf: dict, params, cfg) -> dict[str, np.ndarray]:
+    """Each projection component's largest term ``|x_k w_kj|``, from transformers' input to it,
+    so the localizer measures ulps as the projection op's own tests do."""
+    out = {}
+    for i, lp in enumerate(params["layers"]):
+        for comp, inp in PROJECTION_INPUTS.items():
+            name, x = f"layers.{i}.{comp}", hf.get(f"layers.{i}.{inp}")
+            if name in hf and x is not None:
+                x = np.reshape(x, (*np.shape(hf[name])[:-1], -1))  # [..., in]: attention's heads flattened
+                out[name] = compare.term_scale(x, lp[comp])  # [..., out]
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
+    out["logits"] = compare.term_scale(hf["final_norm"], w)
+    return out
+
+
+def judge(hf: dict, jx: dict, cfg, *, dtype: str, tolerances, backend: str = "cpu",
+          term_scales: dict | None = None) -> list[ComponentRow]:
     rows = []
     for name in _ordered_names(cfg):
         if name not in hf or name not in jx:
@@ -269,7 +291,7 @@ def judge(hf: dict, jx: dict, cfg, *, dtype: str, tolerances, backend: str = "cp
         else:
             bud = tolerances.lookup(op, dtype, backend)
             budget, key = bud.parity, bud.key_path
-        j = compare.judge_parity(b, a, dtype=dtype, budget=budget)
+        j = compare.judge_parity(b, a, dtype=dtype, budget=budget, term_scale=(term_scales or {}).get(name))
         with np.errstate(invalid="ignore"):
             diff = np.abs(a - b)
         top = float(np.nanmax(np.abs(a))) if a.size else 0.0
@@ -344,13 +366,15 @@ def run(*, source: str, hf_config: dict | None, checkpoint: str | None, dtype: s
     params = M.params_from_hf(state, cfg, dtype=jnp.dtype(dtype))
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, tokens))
     hf = hf_capture(model, ids)
+    terms = projection_term_scales(hf, params, cfg)
     reports = []
     for mode in modes:
         if mode == "isolated":
             jx = jax_isolated(params, cfg, ids, hf, inject)
         else:
             jx = {k: np.asarray(v) for k, v in M.capture(params, jnp.asarray(ids), config=cfg, inject=inject).items()}
-        rows = judge(hf, jx, cfg, dtype=dtype, tolerances=tolerances)
+        rows = judge(hf, jx, cfg, dtype=dtype, tolerances=tolerances, backend=registry.backend(),  # this backend's budgets
+                     term_scales=terms)
         first = next((r.name for r in rows if not r.ok), None)
         growth = [r.max_abs_err for r in rows if r.component == "mlp_residual"]
         reports.append(Report(source, dtype, tokens, mode, rows, logit_stats(hf["logits"], jx["logits"]), first, growth))

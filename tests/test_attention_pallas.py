@@ -1,0 +1,247 @@
+"""pallas_attention (the fused Pallas kernel) against gqa_attention (the XLA path), in interpret mode.
+
+The kernel runs through Pallas' interpreter (``interpret=True``), so these tests run on
+CPU; the same kernel body lowers to Triton on a GPU. Shapes are tiny and the blocks
+are 16 (Triton's smallest) so that every case has several query and key tiles.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from kernels.attention import _visible, gqa_attention, tanh_f32
+from kernels.attention_pallas import _tanh_f32, pallas_attention
+from oracles import budgets, registry
+
+# Structural equality between two implementations of one recipe. The bounds are the
+# attention entry's properties in tolerances.yaml (pallas_max_ulps, pallas_min_bitwise_frac;
+# their provenance is there); the ulp floor is the entry's parity floor_rel. Kernel and
+# XLA evaluate the same expression and differ only in the order of f32 sums: the row sum
+# l (blocked, with online rescaling by exp(m_old - m_new)), the PV accumulation (per key
+# block) and the q.k dot. Ulps are taken at max(|ref|, floor_rel * max|ref|, term sum),
+# the term sum of an output being sum_s p_s |v_s| (float64 p): reordering an f32 sum moves
+# it by a few f32 ulps of the sum of its terms' magnitudes, which is hundreds of ulps of
+# an output that cancels far below them. In bf16/f16 an f32 difference of an ulp
+# occasionally flips the rounding of a probability or of an "hf" score to the other
+# neighbour, so a few outputs move by up to |s| ulps and the rest stay bit-identical.
+
+
+def _bounds(dtype: str) -> tuple[float, float, float]:
+    """(max ulps, min bit-identical fraction, ulp floor_rel) for ``dtype`` on this backend."""
+    bud = budgets.load().lookup("attention", dtype, registry.backend())
+    return (bud.properties["pallas_max_ulps"], bud.properties["pallas_min_bitwise_frac"], bud.parity.floor_rel)
+
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+BLOCKS = dict(block_q=16, block_k=16)
+# The reference, jitted: one compile per case instead of one per op (the cold run's cost).
+reference = jax.jit(gqa_attention,
+                    static_argnames=("scale", "causal", "sliding_window", "softcap", "recipe", "q_chunk"))
+
+
+def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Spacing of ``dtype`` at magnitudes ``x >= 0`` (float64), subnormals included."""
+    fi = ml_dtypes.finfo(NP_DTYPES[dtype])
+    _, e = np.frexp(x)  # x = f * 2**e with f in [0.5, 1): the binade of x is 2**(e - 1)
+    return np.ldexp(1.0, np.maximum(e - 1, fi.minexp) - fi.nmant)
+
+
+def _term_sum(q, k, v, kw) -> np.ndarray:
+    """``sum_s p_s |v_s|`` per output ``[B,T,N,H]``, from float64 probabilities of the same masks."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    k64 = np.repeat(k.astype(np.float64), g, axis=2)  # [B, S, N, H]: query head n reads kv head n // G
+    v64 = np.abs(np.repeat(v.astype(np.float64), g, axis=2))  # [B, S, N, H]
+    sc = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k64) * kw.get("scale", h ** -0.5)  # [B, N, T, S]
+    if kw.get("softcap") is not None:
+        sc = np.tanh(sc / kw["softcap"]) * kw["softcap"]
+    qpos = kw.get("q_positions", np.broadcast_to(np.arange(s - t, s, dtype=np.int32), (b, t)))  # [B, T]
+    kpos = kw.get("kv_positions", np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)))  # [B, S]
+    seg = kw.get("segment_ids")
+    qseg, kseg = (None, None) if seg is None else seg if isinstance(seg, tuple) else (seg[:, s - t:], seg)
+    vis = np.asarray(_visible(jnp.asarray(qpos), jnp.asarray(kpos), qseg, kseg, kw.get("kv_valid"),
+                              causal=kw.get("causal", True), sliding_window=kw.get("sliding_window")))  # [B, T, S]
+    vis = vis[:, None]  # [B, 1, T, S]
+    sc = np.where(vis, sc, -np.inf)
+    m = np.max(sc, axis=-1, keepdims=True)  # [B, N, T, 1]
+    e = np.where(vis, np.exp(sc - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    p = e / np.maximum(e.sum(-1, keepdims=True), np.finfo(np.float64).tiny)  # [B, N, T, S]
+    return np.einsum("bnts,bsnh->btnh", p, v64)  # [B, T, N, H]
+
+
+def _ulps(got, ref, terms, dtype: str) -> np.ndarray:
+    """|got - ref| in ulps of ``dtype`` at max(|ref|, floor_rel * max|ref|, terms)."""
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref).astype(np.float64)
+    floor_rel = _bounds(dtype)[2]
+    mag = np.maximum(np.maximum(np.abs(ref), floor_rel * np.abs(ref).max(initial=0.0)), terms)
+    return np.abs(got - ref) / _ulp(mag, dtype)
+
+
+def _arrays(seed, b, t, s, n, kh, h, dtype):
+    rng = np.random.default_rng(seed)
+    dt = NP_DTYPES[dtype]
+    q = rng.standard_normal((b, t, n, h)).astype(dt)
+    k = rng.standard_normal((b, s, kh, h)).astype(dt)
+    v = rng.standard_normal((b, s, kh, h)).astype(dt)
+    return q, k, v
+
+
+def _require_equal(got, ref, terms, dtype: str, what: str) -> None:
+    """The structural equality of tolerances.yaml's pallas_* properties, on numpy outputs."""
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref).astype(np.float64)
+    assert got.shape == ref.shape, what
+    assert np.isfinite(got).all() and np.isfinite(ref).all(), f"{what}: non-finite output"
+    max_ulps, min_same, _ = _bounds(dtype)
+    worst = float(_ulps(got, ref, terms, dtype).max(initial=0.0))
+    same = float(np.mean(got == ref))
+    assert worst <= max_ulps, f"{what}: {worst:.2f} ulps > {max_ulps}"
+    assert same >= min_same, f"{what}: only {same:.4f} of outputs bit-identical (budget {min_same})"
+
+
+def _segments(b, s, cuts):
+    """Packed-sequence ids [B,S]: a new segment starts at each cut (cuts[b] for row b)."""
+    ids = np.zeros((b, s), np.int32)
+    for r in range(b):
+        for c in cuts[r]:
+            ids[r, c:] += 1
+    return ids
+
+
+def _kv_valid_left_pad(b, s, pads):
+    valid = np.ones((b, s), bool)
+    for r, p in enumerate(pads):
+        valid[r, :p] = False
+    return valid
+
+
+# name -> (B, T, S, N, K, H, kwargs). Each exercises one mask kind; GQA (N=4, K=2; decode
+# N=16, K=2) and MHA (N=K) alternate; H=48 exercises the zero-padding of the head dim to
+# 64. Every case has at least 64 query rows (B*T*N), so that one row moved by a flipped
+# rounding (see above) is a small fraction of the outputs.
+CASES = {
+    "causal": (2, 37, 37, 4, 2, 32, lambda b, t, s: {}),
+    "non_causal_h48": (1, 20, 37, 4, 4, 48, lambda b, t, s: dict(causal=False)),
+    "decode": (4, 1, 40, 16, 2, 32, lambda b, t, s: {}),
+    "chunk": (2, 12, 45, 4, 2, 32, lambda b, t, s: {}),
+    "kv_valid_empty_rows": (2, 24, 24, 4, 4, 32,
+                            lambda b, t, s: dict(kv_valid=_kv_valid_left_pad(b, s, [0, 5]))),
+    "segments": (2, 33, 33, 4, 2, 32, lambda b, t, s: dict(segment_ids=_segments(b, s, [[9, 20], [17]]))),
+    "segments_pair": (2, 10, 30, 4, 4, 32, lambda b, t, s: dict(
+        causal=False, segment_ids=(np.array([[0] * 4 + [1] * 6, [1] * 10], np.int32), _segments(b, s, [[12], [25]])))),
+    "sliding_window": (1, 40, 40, 4, 2, 32, lambda b, t, s: dict(sliding_window=5)),
+    "softcap": (2, 18, 18, 4, 2, 32, lambda b, t, s: dict(softcap=2.0, scale=0.3)),
+    "positions": (2, 6, 48, 8, 2, 32, lambda b, t, s: dict(
+        q_positions=np.array([[24, 25, 26, 27, 28, 29], [3, 4, 5, 6, 7, 8]], np.int32),
+        kv_positions=np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(), sliding_window=20)),
+}
+
+
+# Every mask kind in bf16 and f16 with "hf" (the recipe with the most roundings); f32 (where
+# both recipes are the same maths) on the cases that add something to f32: the IEEE dot
+# (precision HIGHEST), the padded head dim, T=1 and the softcap's f32 tanh; "fp32_logits"
+# in bf16/f16 on the cases that touch its own code (f32 scores and softcap) and the
+# masks' edge cases (the mask code is shared by both recipes). Each combination costs
+# one interpret-mode compile (1-1.5 s on a cold cache).
+MATRIX = ([(c, d, "hf") for c in CASES for d in ("bfloat16", "float16")]
+          + [(c, "float32", "hf") for c in ("causal", "non_causal_h48", "decode", "softcap")]
+          + [(c, d, "fp32_logits") for c in ("causal", "decode", "softcap", "kv_valid_empty_rows")
+             for d in ("bfloat16", "float16")])
+
+
+@pytest.mark.parametrize(("case", "dtype", "recipe"), MATRIX)
+def test_equals_gqa_attention(case, dtype, recipe):
+    b, t, s, n, kh, h, make_kwargs = CASES[case]
+    q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, dtype)
+    kw = dict(make_kwargs(b, t, s), recipe=recipe)
+    ref = reference(q, k, v, **kw)
+    got = pallas_attention(q, k, v, **kw, **BLOCKS, interpret=True)
+    assert got.dtype == ref.dtype == jnp.dtype(NP_DTYPES[dtype])
+    _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe}")
+
+
+def test_default_blocks_one_tile():
+    """The default 64x64 blocks (one tile here, clamped to the padded T and S) agree too."""
+    q, k, v = _arrays(7, 1, 21, 50, 4, 2, 64, "bfloat16")
+    _require_equal(pallas_attention(q, k, v, interpret=True), reference(q, k, v), _term_sum(q, k, v, {}),
+                   "bfloat16", "default blocks")
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(sliding_window=6)], ids=["causal", "window"])
+def test_block_skipping_changes_no_bit(kwargs):
+    """Skipping key blocks outside the causal range (default positions) gives the bits of
+    visiting them all (explicit positions equal to the defaults disable the skipping)."""
+    b, t, s = 1, 30, 45
+    q, k, v = _arrays(3, b, t, s, 4, 2, 32, "float32")
+    explicit = dict(q_positions=np.arange(s - t, s, dtype=np.int32)[None, :],
+                    kv_positions=np.arange(s, dtype=np.int32)[None, :])
+    skipped = pallas_attention(q, k, v, **kwargs, **BLOCKS, interpret=True)
+    visited = pallas_attention(q, k, v, **kwargs, **explicit, **BLOCKS, interpret=True)
+    np.testing.assert_array_equal(np.asarray(skipped), np.asarray(visited))
+
+
+def test_tanh_equals_reference_tanh():
+    """The kernel's tanh (a select for the sign: Triton has no copysign) is tanh_f32's, bit for bit."""
+    x = np.linspace(-12.0, 12.0, 200_001, dtype=np.float32)
+    x = np.concatenate([x, np.float32([0.625, -0.625, 1e-30, -1e-30, 50.0, -50.0, np.inf, -np.inf])])
+    np.testing.assert_array_equal(np.asarray(_tanh_f32(jnp.asarray(x))), np.asarray(tanh_f32(jnp.asarray(x))))
+
+
+def test_fully_masked_rows_are_exactly_zero():
+    b, t, s = 2, 24, 24
+    q, k, v = _arrays(5, b, t, s, 2, 2, 32, "bfloat16")
+    kv_valid = _kv_valid_left_pad(b, s, [0, 5])  # row 1: queries 0..4 see only padding
+    out = np.asarray(pallas_attention(q, k, v, kv_valid=kv_valid, **BLOCKS, interpret=True).astype(jnp.float32))
+    assert np.all(out[1, :5] == 0.0)
+    assert np.all(np.abs(out[1, 5:]).sum(-1) > 0) and np.all(np.abs(out[0]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("mask", ["kv_valid", "cache_slots", "segments"])
+def test_masked_kv_cannot_reach_output(mask, poison):
+    """NaN/inf in k and v of keys that no query may see changes no bit of the output."""
+    b, t, s = 2, 6, 40
+    q, k, v = _arrays(11, b, t, s, 4, 2, 32, "bfloat16")
+    if mask == "kv_valid":  # padding in the middle of the keys
+        kw = dict(causal=False, kv_valid=_kv_valid_left_pad(b, s, [0, 0]))
+        kw["kv_valid"][:, 10:19] = False
+        hidden = ~kw["kv_valid"]
+    elif mask == "cache_slots":  # unfilled cache slots after the queries' positions, no kv_valid
+        qpos = np.broadcast_to(np.arange(20, 26, dtype=np.int32), (b, t)).copy()
+        kw = dict(q_positions=qpos, kv_positions=np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
+        hidden = np.zeros((b, s), bool)
+        hidden[:, 26:] = True
+    else:  # keys of another packed sequence (segment 0), queries in segment 1
+        seg = _segments(b, s, [[15], [15]])
+        kw = dict(segment_ids=seg)
+        hidden = seg == 0
+    bad_k, bad_v = k.copy(), v.copy()
+    bad_k[hidden] = poison
+    bad_v[hidden] = poison
+    clean = np.asarray(pallas_attention(q, k, v, **kw, **BLOCKS, interpret=True).astype(jnp.float32))
+    dirty = np.asarray(pallas_attention(q, bad_k, bad_v, **kw, **BLOCKS, interpret=True).astype(jnp.float32))
+    assert np.isfinite(dirty).all()
+    np.testing.assert_array_equal(dirty, clean)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(block_q=24), dict(block_k=8), dict(num_warps=0), dict(recipe="flash"), dict(sliding_window=4, causal=False),
+])
+def test_bad_arguments_raise(bad):
+    q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "float32")
+    with pytest.raises(ValueError):
+        pallas_attention(q, k, v, **bad, interpret=True)
+
+
+def test_dtype_mismatch_raises():
+    q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "float32")
+    with pytest.raises(ValueError, match="share one dtype"):
+        pallas_attention(q, k.astype(ml_dtypes.bfloat16), v, interpret=True)
