@@ -40,8 +40,9 @@ CHUNK = 128
 # 32 gives 0.45x), at the speed of the plain matmul for one row (benchmarked in the
 # commit that set it: 1-4 rows within 1.6x, 8 rows of a K = 896 matmul 3.5x slower).
 LANES = 32
-# Split only a reduction at least this long.
+# Split only a reduction at least this long, into chunks of at least MIN_CHUNK terms.
 MIN_SPLIT_K = 64
+MIN_CHUNK = 8
 # ... only for this many rows at most (XLA's own matrix-vector loop; more rows go to
 # its blocked gemm, which is as accurate as torch's and which a split would slow down) ...
 MAX_SPLIT_ROWS = 8
@@ -50,15 +51,17 @@ MAX_PARTIAL_ELEMS = 1 << 23
 
 
 def _chunk_count(k: int) -> int:
-    """The number of chunks ``c`` (a divisor of ``k``): at least ``LANES``, and enough that
-    ``k / c <= CHUNK``; 1 if no divisor fits.
+    """The number of chunks ``c`` (a divisor of ``k``): ``LANES`` where chunks keep at least
+    ``MIN_CHUNK`` terms, and enough that ``k / c <= CHUNK``; 1 if no divisor fits.
 
     The smallest such divisor keeps chunks long and partials few. A ``k`` with no divisor
     in range (a large prime) is not split: padding it would copy the weight.
     """
     if k < MIN_SPLIT_K:
         return 1
-    lo = max(LANES, -(-k // CHUNK))  # ceil(k / CHUNK): fewer chunks would make them longer than CHUNK
+    # LANES chunks, but none shorter than MIN_CHUNK terms (a 64-term sum in 32 chunks of 2
+    # is a 32-term sequential sum again), and none longer than CHUNK.
+    lo = max(min(LANES, k // MIN_CHUNK), -(-k // CHUNK))
     for c in range(lo, min(k, 4 * lo) + 1):
         if k % c == 0:
             return c
@@ -70,11 +73,15 @@ def _plain(x, w, dims):
                                preferred_element_type=jnp.float32)
 
 
-def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0) -> jax.Array:
+def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool = False) -> jax.Array:
     """``x[..., K]`` contracted with axis ``w_contract`` of the 2-D ``w``; float32 result.
 
     ``w_contract=0``: ``w`` is ``[K, N]`` (a Linear weight stored ``[in, out]``).
     ``w_contract=1``: ``w`` is ``[N, K]`` (a tied embedding table read in place).
+    ``f32_result=True``: the caller keeps the float32 sum as its result (f32 logits from
+    bf16/f16 inputs), so bf16/f16 inputs are split too: their sum is then the answer, not
+    something rounded to bf16 afterwards (measured: f32 logits from bf16 inputs needed
+    3.7x, from f16 5.5x, torch's float32 error unsplit).
     Returns ``[..., N]`` float32: products and sums in float32, never rounded to the
     inputs' dtype (the caller rounds, once).
     """
@@ -87,7 +94,8 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0) -> jax.Array:
     c = _chunk_count(k)
     # (The tied form's partials are fused away: only the batched matmul materialises them.)
     too_big = w_contract == 0 and rows * c * n > MAX_PARTIAL_ELEMS
-    if x.dtype != jnp.float32 or c == 1 or rows > MAX_SPLIT_ROWS or too_big:
+    lowp = x.dtype != jnp.float32 and not f32_result
+    if lowp or c == 1 or rows > MAX_SPLIT_ROWS or too_big:
         return _plain(x, w, dims)  # [..., N]
 
     def split(x, w):

@@ -103,7 +103,7 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, tied
             f"lm_head: w must have shape {want} with D = {h.shape[-1] if h.ndim else '?'} (last dim of h "
             f"{tuple(h.shape)}), got {tuple(w.shape)}"
         )
-    acc = dot_f32(h, w, w_contract=d_axis)  # f32 [..., V]: contract h's D with w's D axis, no transpose
+    acc = dot_f32(h, w, w_contract=d_axis, f32_result=logits_dtype == "float32")  # f32 [..., V], no transpose
     if logits_dtype == "float32":
         return acc  # f32 logits asked for: no rounding at all
     return acc.astype(h.dtype)  # HF's lm_head rounds once to the model dtype

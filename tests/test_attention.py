@@ -135,10 +135,17 @@ def test_equals_mha_with_kv_repeated(tolerances, data):
     a = _inputs(case)
     g = case.shapes["q"][2] // case.shapes["k"][2]
     rep = dict(a, k=np.repeat(a["k"], g, axis=2), v=np.repeat(a["v"], g, axis=2))
-    _require_same(tolerances, case, _run(case, a), _run(case, rep), what="GQA vs MHA")
+    _require_same(tolerances, case, _run(case, a), _run(case, rep), what="GQA vs MHA", terms=_terms(case, a))
 
 
-def _require_same(tolerances, case, got, want, *, what: str):
+def _terms(case, a):
+    """The parity term scale of the case's outputs (``max_s p_s |v_s|``, float64 truth)."""
+    kw = {k: v for k, v in case.kwargs.items() if k != "q_chunk"}
+    return oracle(to_torch(a["q"]), to_torch(a["k"]), to_torch(a["v"]), **kw, **_torch_masks(a), exact=True,
+                  terms=True).numpy()
+
+
+def _require_same(tolerances, case, got, want, *, what: str, terms=None):
     """Two kernel runs that must agree: bit for bit in bfloat16 on CPU; within the op's
     parity budget in float32/float16, where XLA's CPU dot may sum in another order for
     another shape (a T=1 matrix-vector product, a query block, MHA's [B,N,...] layout),
@@ -148,7 +155,7 @@ def _require_same(tolerances, case, got, want, *, what: str):
     if case.dtype == "bfloat16" and backend() == "cpu":
         np.testing.assert_array_equal(got, want, err_msg=f"{what}: {case.reproducer()}")
         return
-    j = judge_parity(got, want, dtype=case.dtype, budget=budget.parity)
+    j = judge_parity(got, want, dtype=case.dtype, budget=budget.parity, term_scale=terms)
     require([j], header=f"{what} [{case.dtype}, {case.kwargs}] ({budget.key_path}): ", reproducer=case.reproducer())
 
 
