@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax
@@ -155,7 +156,14 @@ def _require_same(tolerances, case, got, want, *, what: str, terms=None):
     if case.dtype == "bfloat16" and backend() == "cpu":
         np.testing.assert_array_equal(got, want, err_msg=f"{what}: {case.reproducer()}")
         return
-    j = judge_parity(got, want, dtype=case.dtype, budget=budget.parity, term_scale=terms)
+    parity = budget.parity
+    if backend() != "cpu":
+        # Each layout agrees with the oracle within the op's budget (test_kernel_within_budget);
+        # against each other only the distance is bounded: XLA GPU picks the score matmul's
+        # algorithm per layout, and in bf16 "hf" a 1-ulp f32 difference flips score roundings
+        # (an H100 decode draw: 27% of outputs 1 ulp apart).
+        parity = dataclasses.replace(parity, mismatch_frac=1.0)
+    j = judge_parity(got, want, dtype=case.dtype, budget=parity, term_scale=terms)
     require([j], header=f"{what} [{case.dtype}, {case.kwargs}] ({budget.key_path}): ", reproducer=case.reproducer())
 
 
