@@ -195,7 +195,8 @@ def tanh_f32(x: jax.Array) -> jax.Array:
     error 3-5x the oracle's. Here ``|x| < 0.625`` uses the Taylor series (Horner, the
     leading ``x`` added last so its rounding is the only one of size), larger ``|x|``
     uses ``1 - 2 / (exp(2|x|) + 1)`` (no cancellation there: the result is above 0.55),
-    and the sign is put back.
+    and the sign is put back with a select (not ``copysign``, which Triton cannot lower:
+    the Pallas kernel calls this function too; only ``tanh(-0)`` differs, giving +0).
     """
     a = jnp.abs(x)
     x2 = a * a
@@ -204,7 +205,8 @@ def tanh_f32(x: jax.Array) -> jax.Array:
         p = p * x2 + jnp.float32(c)
     small = a + a * (x2 * p)
     big = 1.0 - 2.0 / (jnp.exp(2.0 * a) + 1.0)
-    return jnp.copysign(jnp.where(a < 0.625, small, big), x)
+    y = jnp.where(a < 0.625, small, big)
+    return jnp.where(x < 0, -y, y)
 
 
 def _scaled_scores(qg, k, *, scale, softcap, recipe):

@@ -81,7 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._round import round_to
-from kernels.attention import _TANH_TAYLOR, _check
+from kernels.attention import _check, tanh_f32
 
 _OP = "pallas_attention"
 _MIN_BLOCK = 16  # tl.dot's smallest M, N and K
@@ -117,20 +117,6 @@ def _on_grid(x, dt, *, exact):
     return x.astype(dt).astype(jnp.float32)
 
 
-def _tanh_f32(x):
-    """``kernels.attention.tanh_f32``'s arithmetic (its Taylor series and ``1 - 2/(e^2|x| + 1)``),
-    with the sign put back by a select: Triton has no ``copysign`` (only ``tanh(-0)`` differs: +0)."""
-    a = jnp.abs(x)
-    x2 = a * a
-    p = jnp.float32(_TANH_TAYLOR[-1])
-    for c in _TANH_TAYLOR[-2::-1]:
-        p = p * x2 + jnp.float32(c)
-    small = a + a * (x2 * p)
-    big = 1.0 - 2.0 / (jnp.exp(2.0 * a) + 1.0)
-    y = jnp.where(a < 0.625, small, big)
-    return jnp.where(x < 0, -y, y)
-
-
 def _tile_scores(q, k, *, scale, softcap, recipe, exact):
     """Recipe steps 1-3 on one tile: ``q[bq,H] . k[bk,H] -> s[bq,bk]`` in f32 (on dt's grid for "hf")."""
     dt = q.dtype
@@ -142,7 +128,7 @@ def _tile_scores(q, k, *, scale, softcap, recipe, exact):
         s = s * scale32
         if softcap is not None:
             cap = jnp.float32(softcap)
-            s = _tanh_f32(s / cap) * cap
+            s = tanh_f32(s / cap) * cap
         return s
     # Round 1: the "hf" matmul returns dt (torch's matmul output dtype).
     s = _on_grid(s, dt, exact=exact)
@@ -152,7 +138,7 @@ def _tile_scores(q, k, *, scale, softcap, recipe, exact):
         cap = jnp.float32(softcap)
         # Gemma 2's three dt-tensor ops: each computed in f32 and rounded to dt.
         s = _on_grid(s / cap, dt, exact=exact)
-        s = _on_grid(_tanh_f32(s), dt, exact=exact)
+        s = _on_grid(tanh_f32(s), dt, exact=exact)
         s = _on_grid(s * cap, dt, exact=exact)
     return s  # f32 values on dt's grid: exactly the f32 upcast the softmax makes of HF's dt scores
 
