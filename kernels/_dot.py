@@ -17,12 +17,13 @@ its sums. The price is a ``[..., c, N]`` float32 partial (``c`` times the output
 the split is used only where that stays small: few rows (the case XLA sums
 sequentially) and long reductions. Larger matmuls go to XLA's blocked gemm (Eigen),
 which is as accurate as torch's there. Other backends (GPU: cuBLAS) get the plain
-matmul. bfloat16/float16 inputs are not split either: torch's CPU matmul for those
-sums in XLA's sequential order (a swiglu down projection, K = 4864, one row: bit-exact
-with the plain matmul, 62% of elements off by up to 17 bf16 ulps with the split), so
-the plain matmul is what reproduces HF's bits; their float32 sums are far more precise
-than the bf16/f16 rounding that follows anyway. The chunk count depends only on static shapes, so a compiled function has one
-fixed summation order.
+matmul. bfloat16/float16 inputs are not split either (unless their float32 sum is the
+result, ``f32_result``): torch's CPU matmul for those sums in XLA's sequential order (a
+swiglu down projection, K = 4864, one row: bit-exact with the plain matmul, 62% of
+elements off by up to 17 bf16 ulps with the split), so the plain matmul is what
+reproduces HF's bits, and their float32 sums are far more precise than the bf16/f16
+rounding that follows. The chunk count depends only on static shapes, so a compiled
+function has one fixed summation order.
 """
 
 from __future__ import annotations

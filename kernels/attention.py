@@ -314,7 +314,8 @@ def gqa_attention(
       implementation: ``"xla"`` (this module: any backend, every option), ``"cudnn"``
         (``jax.nn.dot_product_attention``'s cuDNN flash kernel: GPU only, recipe
         ``"fp32_logits"``, bf16/f16, masks it can express: causal with T == S or none,
-        a sliding window; it normalises after the PV matmul, so it has its own budget) or
+        a sliding window; it normalises after the PV matmul, so its bits differ from the
+        recipe's: no GPU budget is swept for it yet) or
         ``"pallas"`` (``kernels.attention_pallas``: a fused two-pass GPU kernel that keeps
         either recipe's roundings). ``None`` is ``"xla"``. An option a path cannot honour
         raises ValueError; nothing falls back silently.

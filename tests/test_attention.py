@@ -282,3 +282,20 @@ def test_bad_input_raises_value_error():
         kernel(q, k, k, recipe="bf16")
     with pytest.raises(ValueError, match=r"segment_ids must have shape \[B,S\] = \(2, 4\), got \(2, 3\)"):
         kernel(q, k, k, segment_ids=np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(recipe="hf"), "recipe='hf'"),
+    (dict(recipe="fp32_logits", softcap=30.0), "softcap"),
+    (dict(recipe="fp32_logits", q_chunk=2), "q_chunk"),
+])
+def test_cudnn_path_refuses_what_it_cannot_honour(kwargs, named):
+    """implementation='cudnn' never falls back silently: each unsupported option is named."""
+    q = jnp.zeros((1, 4, 4, 64), jnp.bfloat16)
+    k = v = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    from kernels.attention import gqa_attention  # the real kernel: an API check, not a numerics one
+
+    with pytest.raises(ValueError, match=f"implementation='cudnn' cannot honour: .*{named.replace('(', '.')}"):
+        gqa_attention(q, k, v, implementation="cudnn", **kwargs)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        gqa_attention(q, k, v, implementation="flash")
