@@ -102,17 +102,18 @@ def test_linear_is_exactly_homogeneous_in_powers_of_two(dtype, data):
 
 def test_lm_head_tied_contracts_the_table_in_place():
     """The tied head reads [V, D] as it is: no transpose in the traced program, and the
-    logits equal the untied head on the transposed copy bit for bit."""
+    model-dtype logits equal the untied head on the transposed copy bit for bit. (Float32
+    logits are summed in chunks on CPU, in a form per layout -- kernels/_dot.py -- so the
+    two agree to float32 rounding only; each is held to the oracle by the budget test.)"""
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
     table = jnp.asarray(rng.standard_normal((1000, 64)) * 0.05, jnp.bfloat16)  # [V, D]
     jaxpr = jax.make_jaxpr(lambda a, t: k_lm_head(a, t, tied=True))(h, table)
     prims = [e.primitive.name for e in jaxpr.jaxpr.eqns]
     assert "transpose" not in prims and "dot_general" in prims, prims
-    for logits_dtype in (None, "float32"):
-        tied = jitted(kernel, recipe="lm_head_f32" if logits_dtype else "lm_head", tied=True)(h, table)
-        untied = k_lm_head(h, table.T, logits_dtype=logits_dtype)
-        np.testing.assert_array_equal(np.asarray(tied.astype(jnp.float32)), np.asarray(untied.astype(jnp.float32)))
+    tied = jitted(kernel, recipe="lm_head", tied=True)(h, table)
+    untied = k_lm_head(h, table.T)
+    np.testing.assert_array_equal(np.asarray(tied.astype(jnp.float32)), np.asarray(untied.astype(jnp.float32)))
 
 
 def test_float32_matmuls_ask_for_full_precision():
