@@ -7,6 +7,8 @@ are 16 (Triton's smallest) so that every case has several query and key tiles.
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -31,8 +33,10 @@ from oracles import budgets, registry
 # neighbour, so a few outputs move by up to |s| ulps and the rest stay bit-identical.
 
 
+@functools.cache
 def _bounds(dtype: str) -> tuple[float, float, float]:
-    """(max ulps, min bit-identical fraction, ulp floor_rel) for ``dtype`` on this backend."""
+    """(max ulps, min bit-identical fraction, ulp floor_rel) for ``dtype`` on this backend
+    (tolerances.yaml read once per dtype, not once per comparison)."""
     bud = budgets.load().lookup("attention", dtype, registry.backend())
     return (bud.properties["pallas_max_ulps"], bud.properties["pallas_min_bitwise_frac"], bud.parity.floor_rel)
 
