@@ -24,6 +24,18 @@ Recipes (``s`` are the scores, ``p`` the probabilities, ``dt`` the input dtype):
     probabilities by up to e^4); use it for new training/serving code that need not
     match HF's eager bits. For float32 inputs the two recipes are identical.
 
+float32 inputs, problems of at most 2**24 score multiply-adds (``B*N*T*S*H``; decided
+once per call, so ``q_chunk`` does not change it): the scores are carried as pairs of
+float32 ``hi + lo`` (~48 bits, ``kernels._twofloat``) through the scale, the softcap and
+into the exponent, and rounded only as probabilities. The softmax multiplies a score's
+error by ``|s|`` (one float32 ulp of a score of 1e4 moves its probability by 1e-3), so
+with float32 scores the output error is a few score roundings: two equally good
+summation orders (torch's and XLA's) were up to 20x apart on single cases (the
+kernel/oracle error ratio over 1000 fuzzed cases). With the pairs the error is the
+probabilities' own rounding: at most 1.41x the oracle's on those cases. The cost is
+about 1.5x a plain elementwise q.k; larger float32 problems use XLA's matmul (torch's
+class of accuracy, ``precision=HIGHEST``: never TF32).
+
 Matmuls use ``precision=HIGHEST`` and ``preferred_element_type=float32``: f32 inputs
 never fall to TF32 on a GPU, and bf16/f16 products accumulate in f32 and round once,
 as torch's CPU matmul does.
@@ -62,6 +74,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
+from kernels import _twofloat as tf
 from kernels._round import round_to
 from kernels.softmax import softmax
 
@@ -154,31 +167,22 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, *, causal, sliding_window):
     return vis
 
 
-# float32 scores of at most this many multiply-adds use the lane-split sum below.
-_SMALL_SCORES = 1 << 24
-_LANES = 16
+# float32 problems of at most this many score multiply-adds carry their scores as pairs.
+_PAIR_SCORES = 1 << 24
 
 
 def _scores(qg, k):
-    """``q . k`` per (query head, key), f32 accumulation: ``[B,T,K,G,H] x [B,S,K,H] -> [B,K,G,T,S]``.
+    """``q . k`` per (query head, key), f32 accumulation: ``[B,T,K,G,H] x [B,S,K,H] -> [B,K,G,T,S]``."""
+    return jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)  # [B, K, G, T, S]
 
-    A small float32 problem (a decode step over a short cache, a short prompt) is summed
-    in 16 lanes of H/16 terms, then across the lanes, as torch's AVX-512 gemm does: XLA's
-    CPU backend compiles such tiny matmuls to a sequential loop whose scores were
-    measured 3.4x (median) further from the float64 truth than torch's at T = S = 5,
-    H = 128. XLA fuses the products into the two reductions (no [.., H] temporary).
-    Larger problems go to XLA's blocked gemm, which matches torch's accuracy; bf16/f16
-    keep the plain matmul (its f32 sum is far below their rounding).
-    """
+
+def _scores_pair(qg, k):
+    """float32 ``q . k`` as a pair ``hi + lo`` within ~2**-46 of the exact dot (``kernels._twofloat``)."""
     b, t, kh, g, h = qg.shape
-    small = b * kh * g * t * k.shape[1] * h <= _SMALL_SCORES
-    if qg.dtype != jnp.float32 or h % _LANES or not small:
-        return jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)  # [B, K, G, T, S]
-    j = h // _LANES
-    q7 = qg.transpose(0, 2, 3, 1, 4).reshape(b, kh, g, t, 1, _LANES, j)  # [B, K, G, T, 1, L, H/L]
-    k7 = k.transpose(0, 2, 1, 3).reshape(b, kh, 1, 1, k.shape[1], _LANES, j)  # [B, K, 1, 1, S, L, H/L]
-    return jnp.sum(jnp.sum(q7 * k7, axis=-1), axis=-1)  # [B, K, G, T, S]: each lane, then across lanes
+    q6 = qg.transpose(0, 2, 3, 1, 4)[:, :, :, :, None, :]  # [B, K, G, T, 1, H]
+    k6 = k.transpose(0, 2, 1, 3)[:, :, None, None, :, :]  # [B, K, 1, 1, S, H]
+    return tf.dot_last(q6, k6)  # 2 x [B, K, G, T, S]
 
 
 # tanh's Taylor coefficients c_n = 2^2n (2^2n - 1) B_2n / (2n)! for x^3 ... x^19 (B: Bernoulli
@@ -209,6 +213,66 @@ def tanh_f32(x: jax.Array) -> jax.Array:
     return jnp.where(x < 0, -y, y)
 
 
+def _tanh_pair(hi, lo):
+    """``tanh(hi + lo)`` as a pair: ``tanh_f32``'s two branches, each kept unrounded.
+
+    Below 0.625 the Taylor form ``a + a * (x^2 p)`` is already a head and a small tail;
+    above, ``1 - u`` with ``u = 2 / (exp(2a) + 1)`` is split exactly by TwoSum, so the
+    error is that of ``u`` (a few ulps of ``u`` <= 0.45, and far below an ulp of the
+    result once ``tanh`` saturates, where a rounded float32 tanh loses most). ``lo``
+    enters to first order, times ``1 - tanh^2 = u (2 - u)``.
+    """
+    a = jnp.abs(hi)
+    la = jnp.where(hi < 0, -lo, lo)  # a + la = |hi + lo|
+    x2 = a * a
+    p = jnp.float32(_TANH_TAYLOR[-1])
+    for c in _TANH_TAYLOR[-2::-1]:
+        p = p * x2 + jnp.float32(c)
+    u = 2.0 / (jnp.exp(2.0 * a) + 1.0)
+    big_hi, big_lo = tf.two_sum(jnp.ones_like(a), -u)
+    small = a < 0.625
+    t_hi = jnp.where(small, a, big_hi)
+    t_lo = jnp.where(small, a * (x2 * p), big_lo) + u * (2.0 - u) * la
+    t_hi, t_lo = tf.renormalize(t_hi, t_lo)
+    return jnp.where(hi < 0, -t_hi, t_hi), jnp.where(hi < 0, -t_lo, t_lo)
+
+
+def _scaled_scores_pair(qg, k, *, scale, softcap):
+    """float32 steps 1-3 as pairs ``hi + lo`` ``[B,K,G,T,S]`` (see ``_attend``)."""
+    hi, lo = _scores_pair(qg, k)  # [B, K, G, T, S] each
+    hi, lo = tf.mul_const(hi, lo, scale)  # the Python scale to 48 bits, not rounded to f32
+    if softcap is not None:
+        hi, lo = tf.mul_const(hi, lo, 1.0 / softcap)
+        hi, lo = _tanh_pair(hi, lo)
+        hi, lo = tf.mul_const(hi, lo, softcap)
+    return hi, lo
+
+
+def _softmax_pair(hi, lo, vis):
+    """Softmax of the pair scores over the last axis (masked: exactly 0; no visible key: 0).
+
+    The shift is the row's largest score as a pair ``m + m_lo``, so
+    ``exp(hi + lo - m - m_lo) = exp(d) * (1 + d_lo)`` with ``d + d_lo`` split by TwoSum:
+    the probabilities see the scores to ~48 bits, not to float32's 24, and the largest
+    score's term is exactly 1 (a lone visible key gets probability exactly 1).
+    """
+    row = jnp.any(vis, axis=-1, keepdims=True)
+    hi = jnp.where(vis, hi, -jnp.inf)
+    m = jnp.max(hi, axis=-1, keepdims=True)
+    m_lo = jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True)  # the lo of the (first) max
+    m, m_lo = jnp.where(row, m, 0.0), jnp.where(row, m_lo, 0.0)  # no visible key: no -inf - -inf
+    d, d_err = tf.two_sum(jnp.where(vis, hi, m), -m)
+    d_lo = (jnp.where(vis, lo, m_lo) - m_lo) + d_err
+    e = jnp.exp(d)
+    # Materialised once: XLA CPU contracts `e + e * d_lo` into an FMA in some fusions and
+    # not in others; the row sum must add the very values it then scales.
+    e = jax.lax.optimization_barrier(jnp.where(vis, e + e * d_lo, 0.0))
+    den = jnp.where(row, jnp.sum(e, axis=-1, keepdims=True), 1.0)
+    # Reciprocal, then multiply (torch's CPU softmax; XLA rewrites a division by a
+    # broadcast row sum into this anyway).
+    return jnp.where(vis, e * (1.0 / den), 0.0)
+
+
 def _scaled_scores(qg, k, *, scale, softcap, recipe):
     """Steps 1-3 of the recipe: scores ``[B,K,G,T,S]``, in q's dtype ("hf") or f32."""
     dt = qg.dtype
@@ -236,8 +300,13 @@ def _scaled_scores(qg, k, *, scale, softcap, recipe):
     return s
 
 
-def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, sliding_window, softcap, recipe):
-    """The direct path: all T queries of ``q`` at once (holds ``[B,N,T,S]`` scores)."""
+def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, sliding_window, softcap, recipe,
+            pair):
+    """The direct path: all T queries of ``q`` at once (holds ``[B,N,T,S]`` scores).
+
+    ``pair`` (float32 only): the scores are carried as pairs ``hi + lo`` through the
+    scale, the softcap and into the exponent (``_scaled_scores_pair``, ``_softmax_pair``).
+    """
     b, t, n, h = q.shape
     kh = k.shape[2]
     dt = q.dtype
@@ -248,9 +317,13 @@ def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, s
     k = jnp.where(used, k, jnp.zeros((), dt))
     v = jnp.where(used, v, jnp.zeros((), dt))
     qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: query head n = k * G + g reads kv head k
-    s = _scaled_scores(qg, k, scale=scale, softcap=softcap, recipe=recipe)  # [B, K, G, T, S]
-    # Softmax in f32 (kernels.softmax); masked entries exactly 0, a row with no visible key all 0.
-    p = softmax(s, axis=-1, where=vis[:, None, None, :, :])  # [B, K, G, T, S], s's dtype
+    where = vis[:, None, None, :, :]  # [B, 1, 1, T, S]
+    if pair:
+        p = _softmax_pair(*_scaled_scores_pair(qg, k, scale=scale, softcap=softcap), where)  # [B, K, G, T, S] f32
+    else:
+        s = _scaled_scores(qg, k, scale=scale, softcap=softcap, recipe=recipe)  # [B, K, G, T, S]
+        # Softmax in f32 (kernels.softmax); masked entries exactly 0, a row with no visible key all 0.
+        p = softmax(s, axis=-1, where=where)  # [B, K, G, T, S], s's dtype
     # Probabilities go to the input dtype for the PV matmul (HF's .to(query.dtype); jax.nn too).
     p = p.astype(dt)
     o = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=jax.lax.Precision.HIGHEST,
@@ -359,7 +432,9 @@ def gqa_attention(
             q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]
         # One int type for the comparison (the two may come in different int dtypes).
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
-    opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, recipe=recipe)
+    # Decided once for the whole problem, so that q_chunk does not change the numerics.
+    pair = q.dtype == jnp.float32 and b * n * t * s * h <= _PAIR_SCORES
+    opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, recipe=recipe, pair=pair)
     if q_chunk is None or q_chunk >= t:
         return _attend(q, q_positions, q_seg, k, v, kv_positions, kv_seg, kv_valid, **opts)
 

@@ -20,7 +20,7 @@ from oracles.arrays import to_torch
 from oracles.attention import RECIPES, _inputs, _torch_masks, visibility
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
-from oracles.registry import active_kernel, backend, check_case, harness, jitted
+from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
 from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
 
 H = harness("attention")
@@ -231,6 +231,31 @@ def test_rows_without_visible_key_are_zero(dtype):
     assert np.isfinite(out).all()
     assert (out[0] == 0).all() and (out[1, :3] == 0).all()
     assert (np.abs(out[1, 3:]) > 0).any()
+
+
+# float32 cases where summing the scores in float32 (torch's order or XLA's) left the
+# kernel at 20.3x, 18.8x and 5.2x the oracle's error against the truth (1000-case sweep,
+# seed 0): the output error is a few score roundings amplified by |s| in the softmax.
+F32_SCORE_CASES = (
+    {"shapes": {"q": (2, 4, 12, 128), "k": (2, 19, 2, 128), "v": (2, 19, 2, 128)},
+     "kwargs": {"causal": True, "q_chunk": 4, "recipe": "hf", "scale": None, "sliding_window": 8, "softcap": None},
+     "data": {"log10_score": [1, 4], "mask": "random_pad", "outliers": 0, "seed": 1401295764,
+              "segment_pair": False}},
+    {"shapes": {"q": (2, 1, 64, 128), "k": (2, 7, 8, 128), "v": (2, 7, 8, 128)},
+     "kwargs": {"causal": True, "q_chunk": None, "recipe": "hf", "scale": None, "sliding_window": None,
+                "softcap": None},
+     "data": {"log10_score": [2, 2], "mask": "packed", "outliers": 2, "seed": 1, "segment_pair": False}},
+    {"shapes": {"q": (1, 1, 16, 128), "k": (1, 40, 2, 128), "v": (1, 40, 2, 128)},
+     "kwargs": {"causal": True, "q_chunk": None, "recipe": "fp32_logits", "scale": None, "sliding_window": 8,
+                "softcap": None},
+     "data": {"log10_score": [1, 1], "mask": "positions", "outliers": 0, "seed": 0, "segment_pair": True}},
+)
+
+
+@pytest.mark.parametrize("spec", F32_SCORE_CASES, ids=("prefill-chunk", "decode-packed", "decode-window"))
+def test_float32_scores_sensitive_cases_within_budget(tolerances, spec):
+    """Large float32 scores: the kernel's error stays within the accuracy budget of the oracle's."""
+    check_case(Case(op="attention", dtype="float32", **spec), tolerances, kernel=kernel)
 
 
 def test_single_visible_key_returns_its_value():
