@@ -22,8 +22,11 @@ result, ``f32_result``): torch's CPU matmul for those sums in XLA's sequential o
 swiglu down projection, K = 4864, one row: bit-exact with the plain matmul, 62% of
 elements off by up to 17 bf16 ulps with the split), so the plain matmul is what
 reproduces HF's bits, and their float32 sums are far more precise than the bf16/f16
-rounding that follows. The chunk count depends only on static shapes, so a compiled
-function has one fixed summation order.
+rounding that follows. One exception: a single float16 row, which torch sums in 64
+lanes (``_f16_row``; bit-exact with torch from K = 64 to 18944, where XLA's sequential
+sum differed on up to 0.7% of outputs and left float16 SwiGLU 36% off on one fuzzed
+case). The chunk count depends only on static shapes, so a compiled function has one
+fixed summation order.
 """
 
 from __future__ import annotations
@@ -69,6 +72,47 @@ def _chunk_count(k: int) -> int:
     return 1
 
 
+# torch's CPU matmul of one float16 row (probed with FPRev on this AVX-512 machine, K from
+# 64 to 18944): 64 float32 lanes, lane l summing the products l, l + 64, l + 128, ... in
+# order, then the lanes added pairwise (l + l + 32, then + 16, ... 1).
+F16_LANES = 64
+
+
+def _f16_row(x, w, *, w_contract):
+    """One float16 row times ``w`` in torch's order (``F16_LANES`` above); float32 ``[..., N]``.
+
+    Products of two float16 are exact in float32, so an FMA contraction of
+    ``acc + x * w`` cannot change a sum; the loop fixes the order of the adds.
+    """
+    k = x.shape[-1]
+    j = k // F16_LANES
+    lead = x.shape[:-1]
+    xs = x.reshape(j, F16_LANES).astype(jnp.float32)  # [J, 64]: element l + 64 i is xs[i, l]; f16 -> f32 exact
+    if w_contract == 0:
+        ws = w.reshape(j, F16_LANES, -1)  # [J, 64, N]: a free view of [K, N]
+        n = ws.shape[-1]
+
+        def body(i, acc):  # acc [64, N]
+            wi = jax.lax.dynamic_index_in_dim(ws, i, axis=0, keepdims=False).astype(jnp.float32)  # [64, N]
+            return acc + xs[i][:, None] * wi
+        acc = jax.lax.fori_loop(0, j, body, jnp.zeros((F16_LANES, n), jnp.float32))  # [64, N]
+        while acc.shape[0] > 1:
+            h = acc.shape[0] // 2
+            acc = acc[:h] + acc[h:]  # [h, N]: lane l + lane l + h
+        return acc.reshape(*lead, n)  # [..., N]
+    ws = w.reshape(w.shape[0], j, F16_LANES)  # [N, J, 64]: a free view of the table [N, K]
+    n = ws.shape[0]
+
+    def body(i, acc):  # acc [N, 64]
+        wi = jax.lax.dynamic_index_in_dim(ws, i, axis=1, keepdims=False).astype(jnp.float32)  # [N, 64]
+        return acc + xs[i][None, :] * wi
+    acc = jax.lax.fori_loop(0, j, body, jnp.zeros((n, F16_LANES), jnp.float32))  # [N, 64]
+    while acc.shape[1] > 1:
+        h = acc.shape[1] // 2
+        acc = acc[:, :h] + acc[:, h:]  # [N, h]
+    return acc.reshape(*lead, n)  # [..., N]
+
+
 def _plain(x, w, dims):
     return jax.lax.dot_general(x, w, dimension_numbers=(dims, ((), ())), precision=_HIGHEST,
                                preferred_element_type=jnp.float32)
@@ -92,6 +136,9 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     for d in x.shape[:-1]:
         rows *= d
     dims = ((x.ndim - 1,), (w_contract,))
+    if x.dtype == jnp.float16 and not f32_result and rows == 1 and k % F16_LANES == 0:
+        return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _f16_row(x, w, w_contract=w_contract),
+                                          default=lambda x, w: _plain(x, w, dims))
     c = _chunk_count(k)
     # (The tied form's partials are fused away: only the batched matmul materialises them.)
     too_big = w_contract == 0 and rows * c * n > MAX_PARTIAL_ELEMS

@@ -73,8 +73,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
 from kernels import _twofloat as tf
+from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
 from kernels._round import round_to
 from kernels.softmax import softmax
 
@@ -259,7 +259,7 @@ def _softmax_pair(hi, lo, vis):
     row = jnp.any(vis, axis=-1, keepdims=True)
     hi = jnp.where(vis, hi, -jnp.inf)
     m = jnp.max(hi, axis=-1, keepdims=True)
-    m_lo = jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True)  # the lo of the (first) max
+    m_lo = jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True)  # the max's lo (ties: the largest)
     m, m_lo = jnp.where(row, m, 0.0), jnp.where(row, m_lo, 0.0)  # no visible key: no -inf - -inf
     d, d_err = tf.two_sum(jnp.where(vis, hi, m), -m)
     d_lo = (jnp.where(vis, lo, m_lo) - m_lo) + d_err
