@@ -113,6 +113,36 @@ def _f16_row(x, w, *, w_contract):
     return acc.reshape(*lead, n)  # [..., N]
 
 
+# torch's CPU matmul of 2 to 64 float16 rows (probed the same way, K from 128 to 18944):
+# each output summed sequentially within blocks of F16_BLOCK_SMALL terms when
+# K <= 1024, else F16_BLOCK terms, the block sums added in order.
+F16_BLOCK_SMALL, F16_BLOCK = 512, 1024
+
+
+def _f16_rows(x, w):
+    """A few float16 rows times ``w[K, N]`` in torch's blocked sequential order; float32 ``[..., N]``.
+
+    Products of two float16 are exact in float32 (an FMA contraction changes nothing);
+    the loops fix the order of the adds (XLA's own small matmul differs from torch on
+    ~0.2% of outputs).
+    """
+    k = x.shape[-1]
+    n = w.shape[1]
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, k).astype(jnp.float32).T  # [K, R]: exact f16 -> f32; a row per term
+    kc = F16_BLOCK_SMALL if k <= 2 * F16_BLOCK_SMALL else F16_BLOCK
+
+    def body(i, acc):  # acc [R, N]
+        wi = jax.lax.dynamic_index_in_dim(w, i, axis=0, keepdims=False).astype(jnp.float32)  # [N]
+        return acc + xs[i][:, None] * wi[None, :]
+
+    total = None
+    for start in range(0, k, kc):
+        part = jax.lax.fori_loop(start, min(k, start + kc), body, jnp.zeros((xs.shape[1], n), jnp.float32))  # [R, N]
+        total = part if total is None else total + part
+    return total.reshape(*lead, n)  # [..., N]
+
+
 def _plain(x, w, dims):
     return jax.lax.dot_general(x, w, dimension_numbers=(dims, ((), ())), precision=_HIGHEST,
                                preferred_element_type=jnp.float32)
@@ -139,6 +169,8 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     if x.dtype == jnp.float16 and not f32_result and rows == 1 and k % F16_LANES == 0:
         return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _f16_row(x, w, w_contract=w_contract),
                                           default=lambda x, w: _plain(x, w, dims))
+    if x.dtype == jnp.float16 and not f32_result and 1 < rows <= MAX_SPLIT_ROWS and w_contract == 0:
+        return jax.lax.platform_dependent(x, w, cpu=_f16_rows, default=lambda x, w: _plain(x, w, dims))
     c = _chunk_count(k)
     # (The tied form's partials are fused away: only the batched matmul materialises them.)
     too_big = w_contract == 0 and rows * c * n > MAX_PARTIAL_ELEMS

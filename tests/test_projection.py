@@ -116,20 +116,25 @@ def test_lm_head_tied_contracts_the_table_in_place():
     np.testing.assert_array_equal(np.asarray(tied.astype(jnp.float32)), np.asarray(untied.astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("k, n", [(64, 4864), (896, 2048), (4864, 896), (18944, 64)])
-@pytest.mark.parametrize("tied", [False, True], ids=["w[K,N]", "table[N,K]"])
-def test_one_float16_row_sums_in_torch_order(k, n, tied):
-    """One float16 row: kernels/_dot.py's CPU branch for it equals torch's nn.Linear bit for bit
-    (its 64-lane order; XLA's own matrix-vector sum differs on up to 0.7% of these outputs).
-    The branch is called directly, so the property is the same on any backend."""
-    from kernels._dot import _f16_row
+@pytest.mark.parametrize("k, n", [(64, 4864), (896, 2048), (1152, 256), (4864, 896), (18944, 64)])
+@pytest.mark.parametrize("layout", ["row", "row-table", "rows"], ids=["1-row-w[K,N]", "1-row-table[N,K]", "6-rows"])
+def test_float16_rows_sum_in_torch_order(k, n, layout):
+    """Few float16 rows: kernels/_dot.py's CPU branches for them equal torch's nn.Linear bit
+    for bit (one row: 64 lanes; 2-8 rows: blocks of 512 or 1024 terms; XLA's own matmul
+    differs on up to 0.7% of these outputs). The branches are called directly, so the
+    property is the same on any backend."""
+    from kernels._dot import _f16_row, _f16_rows
 
     rng = np.random.default_rng(k + n)
-    x = rng.standard_normal((1, k)).astype(np.float16)
+    x = rng.standard_normal((6 if layout == "rows" else 1, k)).astype(np.float16)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float16)  # [K, N]
     ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w).t().contiguous()).numpy()
-    wk = np.ascontiguousarray(w.T) if tied else w  # [N, K] or [K, N]
-    got = jax.jit(lambda a, b: _f16_row(a, b, w_contract=int(tied)).astype(jnp.float16))(x, wk)
+    if layout == "rows":
+        got = jax.jit(lambda a, b: _f16_rows(a, b).astype(jnp.float16))(x, w)
+    else:
+        tied = layout == "row-table"
+        wk = np.ascontiguousarray(w.T) if tied else w  # [N, K] or [K, N]
+        got = jax.jit(lambda a, b: _f16_row(a, b, w_contract=int(tied)).astype(jnp.float16))(x, wk)
     np.testing.assert_array_equal(np.asarray(got), ref)
 
 
