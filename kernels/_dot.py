@@ -22,11 +22,13 @@ result, ``f32_result``): torch's CPU matmul for those sums in XLA's sequential o
 swiglu down projection, K = 4864, one row: bit-exact with the plain matmul, 62% of
 elements off by up to 17 bf16 ulps with the split), so the plain matmul is what
 reproduces HF's bits, and their float32 sums are far more precise than the bf16/f16
-rounding that follows. One exception: a single float16 row, which torch sums in 64
-lanes (``_f16_row``; bit-exact with torch from K = 64 to 18944, where XLA's sequential
-sum differed on up to 0.7% of outputs and left float16 SwiGLU 36% off on one fuzzed
-case). The chunk count depends only on static shapes, so a compiled function has one
-fixed summation order.
+rounding that follows. The exception is float16 with at most 8 rows, whose order
+torch's CPU kernels were probed for (FPRev) and which the CPU path reproduces: one row
+in 64 lanes (``_f16_row``), 2-8 rows in sequential blocks of 512 or 1024 terms
+(``_f16_rows``); bit-exact with torch from K = 64 to 18944, where XLA's own order
+differed on up to 0.7% of outputs and left float16 SwiGLU up to 3 ulps (36% of one
+fuzzed case's outputs) off. The chunk count depends only on static shapes, so a
+compiled function has one fixed summation order.
 """
 
 from __future__ import annotations
