@@ -573,6 +573,9 @@ def op_rms_norm(b: Bench, m: Model, phase: str):
         b.run_torch_graph(spec, "hf eager Qwen2RMSNorm, CUDA graph", mod, tsets, ref=ref)
         b.run_jax(spec, "kernels.rms_norm(hf)", lambda x, w: kernels.rms_norm(x, w, eps=EPS, recipe="hf"),
                   [(x, w) for x in xs], ref=ref, extra={"recipe": "hf"})
+        b.run_jax(spec, "kernels.rms_norm(hf, implementation=xla)",
+                  lambda x, w: kernels.rms_norm(x, w, eps=EPS, recipe="hf", implementation="xla"),
+                  [(x, w) for x in xs], ref=ref, extra={"recipe": "hf", "implementation": "xla"})
     else:
         b.run_compiled(spec, "torch.compile(Qwen2RMSNorm)", mod, tsets, ref=ref)
 
