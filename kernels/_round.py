@@ -37,3 +37,16 @@ def round_to(x: jax.Array, dt) -> jax.Array:
     sub = jnp.round(x / spacing) * spacing  # exact scaling by a power of two; round-half-even
     r = jnp.where(jnp.abs(x) < float(fi.smallest_normal), sub, r)
     return jnp.where(jnp.abs(r) > float(fi.max), jnp.sign(r) * jnp.inf, r)  # float16 overflow
+
+
+def round_to_in_kernel(x: jax.Array, dt, *, interpret: bool) -> jax.Array:
+    """``round_to`` inside a Pallas kernel: float32 ``x`` on ``dt``'s grid, kept in float32.
+
+    ``interpret`` (the kernel lowered by XLA): ``round_to``, which XLA's simplifier cannot
+    delete as excess precision. On Triton: the convert pair ``f32(dt(x))``, which Triton
+    executes (round to nearest even, f16 subnormals and overflow included) and which is
+    the same values; Triton has no lowering for ``reduce_precision``.
+    """
+    if interpret:
+        return round_to(x, dt)
+    return x.astype(dt).astype(jnp.float32)  # round to dt, back to f32 for the next f32 step

@@ -65,17 +65,14 @@ def mul_const(hi: jax.Array, lo: jax.Array, c: float) -> tuple[jax.Array, jax.Ar
 
 
 def sum_last(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sum of ``hi + lo`` over the last axis, as a pair: a pairwise TwoSum tree.
+    """Sum of ``hi + lo`` over the last axis (a power of two long), as a pair: a TwoSum tree.
 
-    The last axis is padded with zeros to a power of two; each level adds the two
-    halves with TwoSum and carries every rounding error into ``lo`` (whose own
-    rounding is ~2**-24 of the errors: second order).
+    Each level adds the two halves with TwoSum and carries every rounding error into
+    ``lo`` (whose own rounding is ~2**-24 of the errors: second order).
     """
-    n = hi.shape[-1]
-    width = 1 << max(0, (n - 1).bit_length())
-    if width != n:
-        pad = [(0, 0)] * (hi.ndim - 1) + [(0, width - n)]
-        hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)  # [..., width]
+    width = hi.shape[-1]
+    if width & (width - 1):
+        raise ValueError(f"sum_last: the last axis must be a power of two long, got {width}")
     while width > 1:
         width //= 2
         s, err = two_sum(hi[..., :width], hi[..., width:])  # [..., width]

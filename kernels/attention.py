@@ -203,14 +203,19 @@ def tanh_f32(x: jax.Array) -> jax.Array:
     the Pallas kernel calls this function too; only ``tanh(-0)`` differs, giving +0).
     """
     a = jnp.abs(x)
+    tail, u = _tanh_terms(a)
+    y = jnp.where(a < 0.625, a + tail, 1.0 - u)
+    return jnp.where(x < 0, -y, y)
+
+
+def _tanh_terms(a):
+    """For ``a >= 0``: the Taylor tail ``tanh(a) - a`` (used below 0.625) and
+    ``u = 2 / (exp(2a) + 1) = 1 - tanh(a)`` (used above), unrounded into a sum."""
     x2 = a * a
     p = jnp.float32(_TANH_TAYLOR[-1])
     for c in _TANH_TAYLOR[-2::-1]:
         p = p * x2 + jnp.float32(c)
-    small = a + a * (x2 * p)
-    big = 1.0 - 2.0 / (jnp.exp(2.0 * a) + 1.0)
-    y = jnp.where(a < 0.625, small, big)
-    return jnp.where(x < 0, -y, y)
+    return a * (x2 * p), 2.0 / (jnp.exp(2.0 * a) + 1.0)
 
 
 def _tanh_pair(hi, lo):
@@ -224,15 +229,11 @@ def _tanh_pair(hi, lo):
     """
     a = jnp.abs(hi)
     la = jnp.where(hi < 0, -lo, lo)  # a + la = |hi + lo|
-    x2 = a * a
-    p = jnp.float32(_TANH_TAYLOR[-1])
-    for c in _TANH_TAYLOR[-2::-1]:
-        p = p * x2 + jnp.float32(c)
-    u = 2.0 / (jnp.exp(2.0 * a) + 1.0)
+    tail, u = _tanh_terms(a)
     big_hi, big_lo = tf.two_sum(jnp.ones_like(a), -u)
     small = a < 0.625
     t_hi = jnp.where(small, a, big_hi)
-    t_lo = jnp.where(small, a * (x2 * p), big_lo) + u * (2.0 - u) * la
+    t_lo = jnp.where(small, tail, big_lo) + u * (2.0 - u) * la
     t_hi, t_lo = tf.renormalize(t_hi, t_lo)
     return jnp.where(hi < 0, -t_hi, t_hi), jnp.where(hi < 0, -t_lo, t_lo)
 

@@ -80,7 +80,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._round import round_to
+from kernels._round import round_to, round_to_in_kernel
 from kernels.attention import _check, tanh_f32
 
 _OP = "pallas_attention"
@@ -102,21 +102,6 @@ def _require_positive_int(name: str, value) -> None:
         raise ValueError(f"{_OP}: {name} must be a positive int, got {value!r}")
 
 
-def _on_grid(x, dt, *, exact):
-    """f32 ``x`` rounded to dt's grid, kept in f32 (a recipe's "round to dt, go on in f32").
-
-    ``exact`` (interpret mode, lowered by XLA): ``kernels._round.round_to``, whose
-    ``reduce_precision`` XLA cannot delete; XLA's simplifier treats the convert pair
-    ``f32(dt(x))`` as excess precision and may drop it. On Triton the convert pair is
-    two real conversions (round to nearest even, f16 subnormals and overflow included),
-    the same values; Triton has no lowering for ``reduce_precision``.
-    """
-    if exact:
-        return round_to(x, dt)
-    # Round to dt (the recipe's rounding), back to f32 for the next f32 step.
-    return x.astype(dt).astype(jnp.float32)
-
-
 def _tile_scores(q, k, *, scale, softcap, recipe, exact):
     """Recipe steps 1-3 on one tile: ``q[bq,H] . k[bk,H] -> s[bq,bk]`` in f32 (on dt's grid for "hf")."""
     dt = q.dtype
@@ -131,15 +116,15 @@ def _tile_scores(q, k, *, scale, softcap, recipe, exact):
             s = tanh_f32(s / cap) * cap
         return s
     # Round 1: the "hf" matmul returns dt (torch's matmul output dtype).
-    s = _on_grid(s, dt, exact=exact)
+    s = round_to_in_kernel(s, dt, interpret=exact)
     # Round 2: `* scaling` on a dt tensor computes in f32 and rounds back to dt.
-    s = _on_grid(s * scale32, dt, exact=exact)
+    s = round_to_in_kernel(s * scale32, dt, interpret=exact)
     if softcap is not None:
         cap = jnp.float32(softcap)
         # Gemma 2's three dt-tensor ops: each computed in f32 and rounded to dt.
-        s = _on_grid(s / cap, dt, exact=exact)
-        s = _on_grid(tanh_f32(s), dt, exact=exact)
-        s = _on_grid(s * cap, dt, exact=exact)
+        s = round_to_in_kernel(s / cap, dt, interpret=exact)
+        s = round_to_in_kernel(tanh_f32(s), dt, interpret=exact)
+        s = round_to_in_kernel(s * cap, dt, interpret=exact)
     return s  # f32 values on dt's grid: exactly the f32 upcast the softmax makes of HF's dt scores
 
 

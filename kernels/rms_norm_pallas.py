@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._round import round_to
+from kernels._round import round_to_in_kernel
 from kernels.rms_norm import check_args, torch_rsqrt
 
 MAX_CHUNK = 1024  # float32 lanes per program (4 warps: 8 per thread)
@@ -55,7 +55,7 @@ def _kernel(x_ref, w_ref, o_ref, *, d, chunk, eps, recipe, exact):
         if recipe == "hf":
             out_dt = o_ref.dtype  # promote(weight, x), computed by the wrapper
             # Round to x's dtype first (Qwen2RMSNorm), then the weight product in out_dt.
-            yr = round_to(y, dt) if exact else y.astype(dt).astype(jnp.float32)
+            yr = round_to_in_kernel(y, dt, interpret=exact)
             out = w.astype(out_dt)[None, :] * yr.astype(out_dt)
         elif recipe == "gemma":
             out = y * (1.0 + w.astype(jnp.float32))[None, :]  # (1 + w) in f32, one rounding below

@@ -44,6 +44,7 @@ import numpy as np
 
 from kernels._checks import require_choice, require_float, require_ndim
 from kernels._round import round_to
+from kernels._twofloat import two_sum
 from kernels._powf import torch_cpu_powf
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -299,12 +300,6 @@ _S1, _S2, _S3 = -1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4
 _C1, _C2, _C3 = 4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5
 
 
-def _two_sum(a, b):
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
 def _reduce(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``a = k * pi/2 + (hi + lo)`` with ``|hi + lo| <~ pi/4``; all float32, k as int32.
 
@@ -319,14 +314,14 @@ def _reduce(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         hi = hi - k * jnp.float32(c)  # exact: k * c has <= 24 bits, the difference fits
     lo = jnp.zeros_like(hi)
     for c in _CHUNKS[6:]:
-        hi, e = _two_sum(hi, -(k * jnp.float32(c)))
+        hi, e = two_sum(hi, -(k * jnp.float32(c)))
         lo = lo + e
-    hi, lo = _two_sum(hi, lo)
+    hi, lo = two_sum(hi, lo)
     # k came from float32(2/pi) * a, off by one near quadrant boundaries at large a
     # (|hi| up to ~pi/4 + 0.1): move those by one quadrant so |hi| <= pi/4 (+ 1 ulp).
     k1 = jnp.round(hi * jnp.float32(_TWO_OVER_PI))  # -1, 0 or 1
     hi = hi - k1 * jnp.float32(_PIO2_HI)  # exact: |hi| and pi/2 are within a factor 2 (Sterbenz)
-    hi, lo = _two_sum(hi, lo - k1 * jnp.float32(_PIO2_LO))
+    hi, lo = two_sum(hi, lo - k1 * jnp.float32(_PIO2_LO))
     return hi, lo, (k + k1).astype(jnp.int32)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from kernels.attention import _visible, gqa_attention
 from kernels.attention_pallas import pallas_attention
 from oracles import budgets, registry
+from oracles.compare import ulp_distance
 
 # Structural equality between two implementations of one recipe. The bounds are the
 # attention entry's properties in tolerances.yaml (pallas_max_ulps, pallas_min_bitwise_frac;
@@ -49,13 +50,6 @@ reference = jax.jit(gqa_attention,
                     static_argnames=("scale", "causal", "sliding_window", "softcap", "recipe", "q_chunk"))
 
 
-def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Spacing of ``dtype`` at magnitudes ``x >= 0`` (float64), subnormals included."""
-    fi = ml_dtypes.finfo(NP_DTYPES[dtype])
-    _, e = np.frexp(x)  # x = f * 2**e with f in [0.5, 1): the binade of x is 2**(e - 1)
-    return np.ldexp(1.0, np.maximum(e - 1, fi.minexp) - fi.nmant)
-
-
 def _term_sum(q, k, v, kw) -> np.ndarray:
     """``sum_s p_s |v_s|`` per output ``[B,T,N,H]``, from float64 probabilities of the same masks."""
     b, t, n, h = q.shape
@@ -80,15 +74,6 @@ def _term_sum(q, k, v, kw) -> np.ndarray:
     return np.einsum("bnts,bsnh->btnh", p, v64)  # [B, T, N, H]
 
 
-def _ulps(got, ref, terms, dtype: str) -> np.ndarray:
-    """|got - ref| in ulps of ``dtype`` at max(|ref|, floor_rel * max|ref|, terms)."""
-    got = np.asarray(got).astype(np.float64)
-    ref = np.asarray(ref).astype(np.float64)
-    floor_rel = _bounds(dtype)[2]
-    mag = np.maximum(np.maximum(np.abs(ref), floor_rel * np.abs(ref).max(initial=0.0)), terms)
-    return np.abs(got - ref) / _ulp(mag, dtype)
-
-
 def _arrays(seed, b, t, s, n, kh, h, dtype):
     rng = np.random.default_rng(seed)
     dt = NP_DTYPES[dtype]
@@ -104,8 +89,9 @@ def _require_equal(got, ref, terms, dtype: str, what: str) -> None:
     ref = np.asarray(ref).astype(np.float64)
     assert got.shape == ref.shape, what
     assert np.isfinite(got).all() and np.isfinite(ref).all(), f"{what}: non-finite output"
-    max_ulps, min_same, _ = _bounds(dtype)
-    worst = float(_ulps(got, ref, terms, dtype).max(initial=0.0))
+    max_ulps, min_same, floor_rel = _bounds(dtype)
+    # ulps at max(|ref|, floor_rel * max|ref|, terms), as the op's parity measure takes them.
+    worst = float(ulp_distance(got, ref, dtype=dtype, floor_rel=floor_rel, term_scale=terms).max(initial=0.0))
     same = float(np.mean(got == ref))
     assert worst <= max_ulps, f"{what}: {worst:.2f} ulps > {max_ulps}"
     assert same >= min_same, f"{what}: only {same:.4f} of outputs bit-identical (budget {min_same})"
