@@ -1,10 +1,24 @@
-"""Fused GQA attention as one Pallas (Triton) kernel, bit-compatible with ``gqa_attention``.
+"""Fused GQA attention as Pallas (Triton) kernels, bit-compatible with ``gqa_attention``.
 
 Same layout, masks and rounding recipes as :func:`kernels.attention.gqa_attention`
 (its module docstring is the specification): ``q[B,T,N,H]``, ``k[B,S,K,H]``,
 ``v[B,S,K,H]`` -> ``out[B,T,N,H]`` in q's dtype; query head ``n`` reads kv head
 ``n // G`` (``G = N // K``) straight from k/v through the BlockSpec index map, so the
 repeated kv heads are never materialised.
+
+Two kernels, one recipe (``decode=`` picks; by default the split-key kernel whenever it
+applies):
+
+* query-tiled (prefill): one program per (batch, query head, block of queries) walks
+  all keys twice (below);
+* split-key (decode, ``N * T <= 128`` packed query rows, K a power of two): one program
+  per (batch row, split of the keys) holds every query row of the batch row, so k and v
+  are read once, by ``B * num_splits`` programs. Pass 1 stores the split's scores (the
+  recipe's values, in dt for "hf") and its row max / sum; pass 2 combines every split's
+  max and sum into the global ones, rounds ``p = dt(exp(s - m) * (1 / l))`` as below and
+  writes the split's f32 ``p @ v``; XLA adds the splits in f32 and rounds once. Only
+  the f32 orders differ from the query-tiled kernel (and from XLA): the row sum over
+  splits, the PV sum over splits.
 
 Dtype recipe, per (batch, query head, block of ``block_q`` queries) program, ``dt`` the
 input dtype, ``scale`` taken as an f32 scalar:
@@ -102,12 +116,20 @@ def _require_positive_int(name: str, value) -> None:
         raise ValueError(f"{_OP}: {name} must be a positive int, got {value!r}")
 
 
+def _tile_dot(q, k):
+    """``q[bq,H] . k[bk,H] -> [bq,bk]``, f32 accumulation (recipe step 1 before any rounding)."""
+    # HIGHEST: f32 inputs must use IEEE products (Triton's default for f32 is TF32).
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)  # [bq, bk] f32 accumulation
+
+
 def _tile_scores(q, k, *, scale, softcap, recipe, exact):
     """Recipe steps 1-3 on one tile: ``q[bq,H] . k[bk,H] -> s[bq,bk]`` in f32 (on dt's grid for "hf")."""
-    dt = q.dtype
-    # HIGHEST: f32 inputs must use IEEE products (Triton's default for f32 is TF32).
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                        preferred_element_type=jnp.float32)  # [bq, bk] f32 accumulation
+    return _recipe_steps(_tile_dot(q, k), q.dtype, scale=scale, softcap=softcap, recipe=recipe, exact=exact)
+
+
+def _recipe_steps(s, dt, *, scale, softcap, recipe, exact):
+    """Recipe steps 1-3 after the dot: f32 ``q . k`` -> the recipe's scores (f32; on dt's grid for "hf")."""
     scale32 = jnp.float32(scale)
     if recipe == "fp32_logits":
         s = s * scale32
@@ -126,6 +148,18 @@ def _tile_scores(q, k, *, scale, softcap, recipe, exact):
         s = round_to_in_kernel(tanh_f32(s), dt, interpret=exact)
         s = round_to_in_kernel(s * cap, dt, interpret=exact)
     return s  # f32 values on dt's grid: exactly the f32 upcast the softmax makes of HF's dt scores
+
+
+def _key_mask(vis, qpos, kpos, qseg, kseg, *, causal, sliding_window):
+    """``vis[rows,bk]`` narrowed by causality, the sliding window and segments (per-row and
+    per-key int32 vectors; ``qseg``/``kseg`` None without segments)."""
+    if causal:
+        vis = vis & (kpos[None, :] <= qpos[:, None])  # [rows, bk]
+    if sliding_window is not None:
+        vis = vis & (qpos[:, None] - kpos[None, :] < sliding_window)  # the W keys up to the query
+    if qseg is not None:
+        vis = vis & (qseg[:, None] == kseg[None, :])  # [rows, bk]
+    return vis
 
 
 def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_ref, o_ref, *,
@@ -172,14 +206,8 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
         def masked():
             kpos = kpos_ref[pl.ds(start, block_k)]  # [bk] int32
             vis = real_row[:, None] & (kval_ref[pl.ds(start, block_k)] != 0)[None, :]  # [bq, bk] T/S padding, kv_valid
-            if causal:
-                vis = vis & (kpos[None, :] <= qpos[:, None])  # [bq, bk]
-            if sliding_window is not None:
-                vis = vis & (qpos[:, None] - kpos[None, :] < sliding_window)  # the W keys up to the query
-            if has_segments:
-                kseg = kseg_ref[pl.ds(start, block_k)]  # [bk] int32
-                vis = vis & (qseg[:, None] == kseg[None, :])  # [bq, bk]
-            return vis
+            kseg = kseg_ref[pl.ds(start, block_k)] if has_segments else None  # [bk] int32
+            return _key_mask(vis, qpos, kpos, qseg, kseg, causal=causal, sliding_window=sliding_window)
 
         if plain_interior:  # interior tiles: only the padded query rows are invisible
             vis = lax.cond(j < mid, lambda: jnp.broadcast_to(real_row[:, None], (block_q, block_k)), masked)
@@ -284,6 +312,219 @@ def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale,
     return out[:, :t, :, :h]  # [B, T, N, H]
 
 
+# ---------------------------------------------------------------------------------------------
+# Decode: few query rows, many keys. The query-tiled kernel above gives each (batch, query
+# head) one program that walks all S keys: at T = 1 that is B * N programs (28 on an H100's
+# 132 SMs for Qwen2.5-7B), each tile 1/16 full, and every kv head read G times. Here the
+# keys are split instead (flash-decoding), and all N * T query rows of a batch row share
+# each program, so k and v are read once, by B * num_splits programs.
+# ---------------------------------------------------------------------------------------------
+
+_DECODE_MAX_ROWS = 128  # N * T query rows held in one tile (the [rows, block_k] scores live in registers)
+
+
+class _Masks:
+    """The optional per-row / per-key mask inputs of the decode kernels, by name.
+
+    Only the vectors a call needs are passed to the kernels (no placeholder arrays, so no
+    XLA op runs to make them): row positions and key positions unless the defaults
+    (computed from indices), segment ids with segments, key validity with ``kv_valid``.
+    """
+
+    def __init__(self, *, default_positions, has_segments, all_valid):
+        self.row_names = (() if default_positions else ("rpos",)) + (("rseg",) if has_segments else ())
+        self.key_names = ((() if default_positions else ("kpos",)) + (("kseg",) if has_segments else ())
+                          + (() if all_valid else ("kval",)))
+        self.names = self.row_names + self.key_names
+
+    def split(self, refs):
+        """``refs`` = the kernel's leading mask refs followed by the rest: (dict, rest)."""
+        n = len(self.names)
+        return dict(zip(self.names, refs[:n])), refs[n:]
+
+
+def _decode_rows(masks, *, rp, rows, rows_per_kv, t_len, q_offset):
+    """Per packed row ``r = n * T + t``: (real, kv head, position, segment id), each ``[Rp]``."""
+    r = jnp.arange(rp, dtype=jnp.int32)
+    real = r < rows  # padded rows see no key
+    kv = r // rows_per_kv  # query head n = r // T reads kv head n // G
+    qpos = masks["rpos"][...] if "rpos" in masks else q_offset + r % t_len  # [Rp] int32
+    qseg = masks["rseg"][...] if "rseg" in masks else None  # [Rp] int32
+    return real, kv, qpos, qseg
+
+
+def _decode_visible(masks, key, local, *, real, qpos, qseg, block_k, s_len, causal, sliding_window):
+    """Visibility ``[Rp, bk]`` of the keys ``key ... key + bk - 1`` (global indices; the key
+    mask refs hold this split's keys, where the block starts at ``local``)."""
+    idx = key + jnp.arange(block_k, dtype=jnp.int32)  # [bk] global key index
+    ok = idx < s_len  # S padding
+    if "kval" in masks:
+        ok = ok & (masks["kval"][pl.ds(local, block_k)] != 0)
+    vis = real[:, None] & ok[None, :]  # [Rp, bk]
+    kpos = masks["kpos"][pl.ds(local, block_k)] if "kpos" in masks else idx  # [bk] int32
+    kseg = masks["kseg"][pl.ds(local, block_k)] if "kseg" in masks else None
+    return _key_mask(vis, qpos, kpos, qseg, kseg, causal=causal, sliding_window=sliding_window)
+
+
+def _load_rows(q_ref, b, *, rp, rows):
+    """This batch row's packed queries ``[Rp, Hp]``: the ``rows`` real ones, zeros below (a
+    masked load: the padding is never materialised in memory)."""
+    real = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
+    return plgpu.load(q_ref.at[b, pl.ds(0, rp), :], mask=real, other=0)  # [Rp, Hp]
+
+
+def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, kv_heads, steps, rowinfo, vis_opts, exact):
+    """Pass 1 of one (batch row, key split) program: every packed row's scores over the split's
+    keys, stored (``s_ref``, the recipe's values: dt for "hf", f32 for "fp32_logits"; masked
+    keys -inf), with the split's row max ``m`` and row sum ``l`` of ``exp(s - m)`` (online, f32)."""
+    masks, (q_ref, k_ref, s_ref, m_ref, l_ref) = mask_set.split(refs)
+    b, j = pl.program_id(0), pl.program_id(1)
+    block_k = vis_opts["block_k"]
+    dt = q_ref.dtype
+    q = _load_rows(q_ref, b, rp=rowinfo["rp"], rows=rowinfo["rows"])  # [Rp, Hp] dt
+    real, kv, qpos, qseg = _decode_rows(masks, **rowinfo)
+
+    def step(i, carry):
+        m, l = carry
+        local = pl.multiple_of(i * block_k, block_k)
+        raw = None
+        for h in range(kv_heads):  # each row keeps the dot with its own kv head (a select, never 0 * x)
+            d = _tile_dot(q, k_ref[pl.ds(local, block_k), h, :])  # [Rp, bk] f32
+            raw = d if raw is None else jnp.where((kv == h)[:, None], d, raw)
+        s = _recipe_steps(raw, dt, scale=scale, softcap=softcap, recipe=recipe, exact=exact)  # [Rp, bk] f32
+        vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
+        s = jnp.where(vis, s, -jnp.inf)  # a select: NaN/inf of masked keys cannot leak
+        s_ref[:, pl.ds(local, block_k)] = s.astype(s_ref.dtype)  # exact: "hf" scores are on dt's grid
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [Rp]
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: avoid -inf - -inf
+        l = l * jnp.exp(m - m_use) + jnp.sum(jnp.exp(s - m_use[:, None]), axis=1)  # [Rp]
+        return m_new, l
+
+    rp = rowinfo["rp"]
+    m, l = lax.fori_loop(0, steps, step, (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32)))
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _decode_pv_kernel(*refs, mask_set, kv_heads, steps, rowinfo, vis_opts, all_used, exact):
+    """Pass 2 of one (batch row, key split) program: the row max and sum combined over all
+    splits (``m = max_j m_j``, ``l = sum_j l_j exp(m_j - m)``), then ``p = dt(exp(s - m) * (1 / l))``
+    and this split's ``p @ v`` in f32 (``acc_ref``; the splits are added by the caller)."""
+    masks, (s_ref, v_ref, m_ref, l_ref, acc_ref) = mask_set.split(refs)
+    j = pl.program_id(1)
+    block_k = vis_opts["block_k"]
+    dt = v_ref.dtype
+    mj = m_ref[...]  # [n_split, Rp] every split's row max
+    m = jnp.max(mj, axis=0)  # [Rp]: exactly the row max (max is order-free)
+    m = jnp.where(m == -jnp.inf, 0.0, m)  # a row with no visible key: every e is exp(-inf) = 0
+    l = jnp.sum(l_ref[...] * jnp.exp(mj - m[None, :]), axis=0)  # [Rp]; an empty split: 0 * exp(-inf) = 0
+    inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)  # reciprocal then multiply, as kernels.softmax
+    real, kv, qpos, qseg = _decode_rows(masks, **rowinfo)
+
+    def step(i, acc):
+        local = pl.multiple_of(i * block_k, block_k)
+        s = s_ref[:, pl.ds(local, block_k)].astype(jnp.float32)  # [Rp, bk]: exact (dt or f32 values)
+        p = jnp.exp(s - m[:, None]) * inv_l[:, None]  # [Rp, bk] f32; masked keys: exp(-inf) = 0
+        if exact:  # interpret mode: on dt's grid first, so that XLA cannot skip the rounding below
+            p = round_to(p, dt)
+        # Probabilities rounded to dt for the PV matmul (HF's .to(query.dtype)).
+        p = p.astype(dt)  # [Rp, bk]
+        if not all_used:  # keys no row sees: zero v so that p = 0 never meets NaN/inf (0 * NaN)
+            vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg,
+                                  **vis_opts)
+            used = (jnp.max(jnp.where(vis, 1, 0), axis=0) > 0)[:, None]  # [bk, 1]
+        for h in range(kv_heads):
+            v = v_ref[pl.ds(local, block_k), h, :]  # [bk, Hp] dt
+            if not all_used:
+                v = jnp.where(used, v, jnp.zeros((), dt))
+            pv = jnp.dot(p, v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [Rp, Hp]
+            acc = acc + jnp.where((kv == h)[:, None], pv, 0.0)  # a select: another head's NaN stays there
+        return acc
+
+    acc_ref[...] = lax.fori_loop(0, steps, step, jnp.zeros(acc_ref.shape, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "causal", "sliding_window", "softcap", "recipe", "block_k", "num_splits", "num_warps", "num_stages",
+    "interpret", "default_positions", "has_segments", "all_valid"))
+def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, causal, sliding_window, softcap,
+                   recipe, block_k, num_splits, num_warps, num_stages, interpret, default_positions, has_segments,
+                   all_valid):
+    """The two split-key pallas_calls and the sum over splits; arguments checked by :func:`pallas_attention`.
+
+    With the default masks nothing but the two kernels and the final sum runs: q is read
+    in place (at T = 1 the packed rows are q's own layout), and no mask vector is built.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    rows = n * t
+    rp = max(_MIN_BLOCK, _next_pow2(rows))  # packed rows, padded (by masked loads) for tl.dot: M >= 16, a power of two
+    hp = max(_MIN_BLOCK, _next_pow2(h))
+    bk = min(block_k, max(_MIN_BLOCK, _next_pow2(s)))
+    n_split = min(num_splits, _next_pow2(-(-s // bk)))  # no split without a real key
+    steps = -(-s // (bk * n_split))  # key blocks per split
+    chunk = bk * steps
+    sp = n_split * chunk  # S padded: every split holds `steps` whole key blocks
+
+    # Row r = n * T + t: query head n at query t (all of a kv head's G * T rows are adjacent).
+    qr = q.reshape(b, n, h) if t == 1 else q.transpose(0, 2, 1, 3).reshape(b, rows, h)  # [B, N*T, H]
+    if hp != h:  # zero columns add exact zeros to q . k and give zero output columns (dropped)
+        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, hp - h)))  # [B, N*T, Hp]
+    if sp != s or hp != h:
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, K, Hp]
+        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, K, Hp]
+    mask_set = _Masks(default_positions=default_positions, has_segments=has_segments, all_valid=all_valid)
+    vectors = {
+        "rpos": lambda: jnp.tile(q_pos, (1, n)),  # [B, N*T]: row r has t = r % T
+        "rseg": lambda: jnp.tile(q_seg, (1, n)),  # [B, N*T]
+        "kpos": lambda: kv_pos,  # [B, S]
+        "kseg": lambda: kv_seg,  # [B, S]
+        # Validity as int32 (boolean refs are not portable to Triton).
+        "kval": lambda: kv_valid.astype(jnp.int32),  # [B, S]
+    }
+    mask_in = []
+    for name in mask_set.names:
+        x = vectors[name]()
+        # Row vectors padded to Rp, key vectors to Sp (padded rows and keys are cut by index).
+        mask_in.append(jnp.pad(x, ((0, 0), (0, (rp if name in mask_set.row_names else sp) - x.shape[1]))))
+    sq = pl.squeezed
+    mask_specs = [pl.BlockSpec((sq, rp), lambda bi, j: (bi, 0)) for _ in mask_set.row_names] + [
+        pl.BlockSpec((sq, chunk), lambda bi, j: (bi, j)) for _ in mask_set.key_names]
+
+    rowinfo = dict(rp=rp, rows=rows, rows_per_kv=(n // kh) * t, t_len=t, q_offset=s - t)
+    vis_opts = dict(block_k=bk, s_len=s, causal=causal, sliding_window=sliding_window)
+    # With the default masks (positions, no kv_valid, segments or window) the last query
+    # (position S - 1) sees every key: no key is unused, so v needs no zeroing.
+    all_used = default_positions and all_valid and not has_segments and sliding_window is None
+    kv_spec = pl.BlockSpec((sq, chunk, kh, hp), lambda bi, j: (bi, j, 0, 0))
+    part = pl.BlockSpec((sq, sq, rp), lambda bi, j: (bi, j, 0))
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    # "hf" scores are dt values (stored in dt, half the bytes); "fp32_logits" keeps f32.
+    s_dt = q.dtype if recipe == "hf" else jnp.float32
+    common = dict(mask_set=mask_set, kv_heads=kh, steps=steps, rowinfo=rowinfo, vis_opts=vis_opts, exact=interpret)
+    scores, m_part, l_part = pl.pallas_call(
+        functools.partial(_decode_scores_kernel, scale=scale, softcap=softcap, recipe=recipe, **common),
+        out_shape=(jax.ShapeDtypeStruct((b, rp, sp), s_dt), jax.ShapeDtypeStruct((b, n_split, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, n_split, rp), jnp.float32)),
+        grid=(b, n_split),
+        in_specs=[*mask_specs, pl.no_block_spec, kv_spec],  # q whole: _load_rows indexes it
+        out_specs=(pl.BlockSpec((sq, rp, chunk), lambda bi, j: (bi, 0, j)), part, part),
+        compiler_params=params, interpret=interpret, name="pallas_decode_scores",
+    )(*mask_in, qr, k)  # [B, Rp, Sp], [B, n_split, Rp] x 2
+    whole = pl.BlockSpec((sq, n_split, rp), lambda bi, j: (bi, 0, 0))  # every split's m / l
+    acc = pl.pallas_call(
+        functools.partial(_decode_pv_kernel, all_used=all_used, **common),
+        out_shape=jax.ShapeDtypeStruct((b, n_split, rp, hp), jnp.float32),
+        grid=(b, n_split),
+        in_specs=[*mask_specs, pl.BlockSpec((sq, rp, chunk), lambda bi, j: (bi, 0, j)), kv_spec, whole, whole],
+        out_specs=pl.BlockSpec((sq, sq, rp, hp), lambda bi, j: (bi, j, 0, 0)),
+        compiler_params=params, interpret=interpret, name="pallas_decode_pv",
+    )(*mask_in, scores, v, m_part, l_part)  # [B, n_split, Rp, Hp]
+    # The splits' f32 partial sums added in f32, then one rounding to dt, as torch's matmul output.
+    o = jnp.sum(acc, axis=1)[:, :rows, :h].astype(q.dtype)  # [B, N*T, H]
+    return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, T, N, H]
+
+
 def pallas_attention(
     q: jax.Array,
     k: jax.Array,
@@ -299,9 +540,11 @@ def pallas_attention(
     softcap: float | None = None,
     recipe: str = "hf",
     block_q: int = 64,
-    block_k: int = 32,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    decode: bool | None = None,
+    num_splits: int = 128,
     interpret: bool = False,
 ) -> jax.Array:
     """Grouped-query attention as one fused Pallas kernel; the numbers of :func:`gqa_attention`.
@@ -314,6 +557,13 @@ def pallas_attention(
         padded T / S). num_warps, num_stages: Triton's launch and pipelining parameters.
         The defaults (64, 32, 4, 3) were the fastest of 11 shapes for a causal N28 K4 H128
         prefill of 4096 bf16 tokens on an H100 (benchmarks/results/pallas_tune_h100.json).
+      decode: the split-key kernel (True), for few query rows: all ``N * T`` rows of a
+        batch row (at most 128) share each program, the keys are split over
+        ``num_splits`` programs (a power of two; fewer when S is short), each pass writes
+        per-split results (scores and row max/sum, then f32 partial ``p @ v``) and the
+        splits are added in f32 at the end. Needs a power-of-two K. False: the
+        query-tiled kernel. None: the split-key kernel when it applies. ``block_k``
+        defaults to 64 there.
       interpret: run the kernel through Pallas' interpreter (any backend, CPU included).
 
     Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s).
@@ -324,12 +574,23 @@ def pallas_attention(
     _check(q, k, v, scale=scale, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
            segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, softcap=softcap,
            recipe=recipe, q_chunk=None)
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    fits = n * t <= _DECODE_MAX_ROWS and kh & (kh - 1) == 0
+    if decode is None:
+        decode = fits
+    elif decode and not fits:
+        raise ValueError(f"{_OP}: decode=True needs N*T <= {_DECODE_MAX_ROWS} query rows and a power-of-two "
+                         f"number of kv heads, got N*T = {n}*{t} = {n * t}, K = {kh} (q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}); use decode=False")
+    if block_k is None:
+        block_k = 64 if decode else 32
     _require_pow2_block("block_q", block_q)
     _require_pow2_block("block_k", block_k)
     _require_positive_int("num_warps", num_warps)
     _require_positive_int("num_stages", num_stages)
-    b, t, n, h = q.shape
-    s = k.shape[1]
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"{_OP}: num_splits must be a power of two >= 1, got {num_splits!r}")
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
     default_positions = q_positions is None and kv_positions is None
@@ -351,6 +612,15 @@ def pallas_attention(
         q_seg, kv_seg = segment_ids  # [B, T], [B, S]
     else:
         q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]: queries are the last T keys
+    if decode:
+        return _pallas_decode(
+            q, k, v, q_positions, kv_positions, jnp.asarray(kv_valid),
+            # Segment ids compare as int32 inside the kernel (the two may come in different int dtypes).
+            jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32),
+            scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap, recipe=recipe,
+            block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+            interpret=bool(interpret), default_positions=default_positions, has_segments=has_segments,
+            all_valid=all_valid)
     return _pallas_attention(
         q, k, v,
         q_positions, kv_positions, jnp.asarray(kv_valid),

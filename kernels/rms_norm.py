@@ -21,10 +21,10 @@ They differ only in where the weight is applied and where the result is rounded:
 The statistic is per row of the last axis; all leading axes are batch axes.
 
 Implementations (``implementation=``): this module's XLA ops on any backend, or
-``kernels.rms_norm_pallas`` (one Triton kernel per row, reading x once: 0.84 of the
-copy bandwidth on an H100 against XLA's 0.75, benchmarks/README.md), the default on a
-CUDA GPU when D has a power-of-two divisor >= 16. Only the float32 order of the mean
-square's sum differs between them; both are held to the same budgets.
+``kernels.rms_norm_pallas`` (a Triton kernel that reads each row once, against XLA's
+twice: benchmarks/README.md), the default on a CUDA GPU when a whole row (D padded to a
+power of two) fits its program. Only the float32 order of the mean square's sum differs
+between them; both are held to the same budgets.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
         mean square is near eps.
       recipe: ``"hf"``, ``"gemma"`` or ``"fp32_weight"`` (see the module docstring).
       implementation: ``"xla"`` (this function, any backend), ``"pallas"``
-        (``kernels.rms_norm_pallas``: one Triton kernel that reads each row once; GPU, and
-        D needs a power-of-two divisor >= 16) or ``None``: ``"pallas"`` on a CUDA GPU when
-        D allows it, else ``"xla"`` (a choice made at trace time from the platform and
-        the static D; both follow the same recipe, measured within the same budgets).
+        (``kernels.rms_norm_pallas``: one Triton kernel that reads each row once; GPU,
+        D up to ``MAX_ROW`` = 16384) or ``None``: ``"pallas"`` on a CUDA GPU when D allows
+        it, else ``"xla"`` (a choice made at trace time from the platform and the static
+        D; both follow the same recipe, measured within the same budgets).
 
     Returns:
       ``"hf"``: dtype ``promote(weight.dtype, x.dtype)`` (torch's promotion rule, which
@@ -94,14 +94,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
     check_args(x, weight, eps=eps, recipe=recipe)
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="rms_norm")
     if implementation != "xla":
-        from kernels.rms_norm_pallas import chunk_for, pallas_rms_norm  # imports this module
+        from kernels.rms_norm_pallas import MAX_ROW, padded_width, pallas_rms_norm  # imports this module
+
+        dp = padded_width(x.shape[-1])
+        block_rows = 2 if 2 * dp <= MAX_ROW else 1  # 2 rows a program (the measured default) when they fit
 
         def pallas(x, weight):
-            return pallas_rms_norm(x, weight, eps=eps, recipe=recipe)
+            return pallas_rms_norm(x, weight, eps=eps, recipe=recipe, block_rows=block_rows)
 
         if implementation == "pallas":
             return pallas(x, weight)
-        if chunk_for(x.shape[-1]) is not None:  # None: the fastest path of the platform
+        if dp <= MAX_ROW:  # None: the fastest path of the platform (a padded row must fit a program)
             return jax.lax.platform_dependent(x, weight, cuda=pallas,
                                               default=lambda x, w: _xla(x, w, eps=eps, recipe=recipe))
     return _xla(x, weight, eps=eps, recipe=recipe)

@@ -149,20 +149,61 @@ MATRIX = ([(c, d, "hf") for c in CASES for d in ("bfloat16", "float16")]
 
 @pytest.mark.parametrize(("case", "dtype", "recipe"), MATRIX)
 def test_equals_gqa_attention(case, dtype, recipe):
+    """The query-tiled kernel (decode=False) on every case."""
     b, t, s, n, kh, h, make_kwargs = CASES[case]
     q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, dtype)
     kw = dict(make_kwargs(b, t, s), recipe=recipe)
     ref = reference(q, k, v, **kw)
-    got = pallas_attention(q, k, v, **kw, **BLOCKS, interpret=True)
+    got = pallas_attention(q, k, v, **kw, **BLOCKS, decode=False, interpret=True)
     assert got.dtype == ref.dtype == jnp.dtype(NP_DTYPES[dtype])
     _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe}")
 
 
+# The split-key kernel (decode=True) on the cases of at most 128 packed rows (N * T): every
+# mask kind but the window ("positions" has one), H = 48 padded to 64, T = 1 and T > 1,
+# splits of 2 blocks of 16 keys (S = 37 ... 48: 2 or 4 splits, the last partly padding).
+SPLIT = dict(block_k=16, num_splits=2)
+DECODE_CASES = [c for c in CASES if CASES[c][1] * CASES[c][3] <= 128]
+DECODE_MATRIX = ([(c, d, "hf") for c in DECODE_CASES for d in ("bfloat16", "float16")]
+                 + [(c, "float32", "hf") for c in ("decode", "non_causal_h48", "softcap")]
+                 + [(c, d, "fp32_logits") for c in ("decode", "softcap", "kv_valid_empty_rows")
+                    for d in ("bfloat16", "float16")])
+
+
+@pytest.mark.parametrize(("case", "dtype", "recipe"), DECODE_MATRIX)
+def test_split_key_kernel_equals_gqa_attention(case, dtype, recipe):
+    b, t, s, n, kh, h, make_kwargs = CASES[case]
+    q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, dtype)
+    kw = dict(make_kwargs(b, t, s), recipe=recipe)
+    ref = reference(q, k, v, **kw)
+    got = pallas_attention(q, k, v, **kw, **SPLIT, decode=True, interpret=True)
+    assert got.dtype == ref.dtype == jnp.dtype(NP_DTYPES[dtype])
+    _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe} (split keys)")
+
+
+def test_split_count_changes_only_the_sum_order():
+    """1, 2 and 8 splits of the same keys: the same bf16 "hf" outputs up to the pallas budget
+    (the splits' partial sums are the only f32 reordering), and 1 split is bit-identical
+    to itself run twice (no nondeterminism: no atomics, a fixed order of the final sum)."""
+    q, k, v = _arrays(21, 2, 1, 128, 16, 4, 32, "bfloat16")
+    outs = [np.asarray(pallas_attention(q, k, v, block_k=16, num_splits=ns, decode=True, interpret=True))
+            for ns in (1, 2, 8)]
+    ref = reference(q, k, v)
+    for o in outs:
+        _require_equal(o, ref, _term_sum(q, k, v, {}), "bfloat16", "split count")
+    again = np.asarray(pallas_attention(q, k, v, block_k=16, num_splits=8, decode=True, interpret=True))
+    np.testing.assert_array_equal(again, outs[2])
+
+
 def test_default_blocks_agree():
-    """The default 64x32 blocks (clamped to the padded T and S: 1 x 2 tiles here) agree too."""
+    """The default 64x32 blocks (clamped to the padded T and S: 1 x 2 tiles here) agree too,
+    and so do the split-key kernel's defaults (block_k 64, 128 splits: here 1 split of 64)."""
     q, k, v = _arrays(7, 1, 21, 50, 4, 2, 64, "bfloat16")
-    _require_equal(pallas_attention(q, k, v, interpret=True), reference(q, k, v), _term_sum(q, k, v, {}),
-                   "bfloat16", "default blocks")
+    _require_equal(pallas_attention(q, k, v, decode=False, interpret=True), reference(q, k, v),
+                   _term_sum(q, k, v, {}), "bfloat16", "default blocks")
+    qd = q[:, -1:]  # [1, 1, 4, 64]: one decode step, N * T = 4 rows, the kernel chosen by default
+    _require_equal(pallas_attention(qd, k, v, interpret=True), reference(qd, k, v), _term_sum(qd, k, v, {}),
+                   "bfloat16", "default split-key kernel")
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(sliding_window=6)], ids=["causal", "window"])
@@ -173,23 +214,29 @@ def test_block_skipping_changes_no_bit(kwargs):
     q, k, v = _arrays(3, b, t, s, 4, 2, 32, "float32")
     explicit = dict(q_positions=np.arange(s - t, s, dtype=np.int32)[None, :],
                     kv_positions=np.arange(s, dtype=np.int32)[None, :])
-    skipped = pallas_attention(q, k, v, **kwargs, **BLOCKS, interpret=True)
-    visited = pallas_attention(q, k, v, **kwargs, **explicit, **BLOCKS, interpret=True)
+    skipped = pallas_attention(q, k, v, **kwargs, **BLOCKS, decode=False, interpret=True)
+    visited = pallas_attention(q, k, v, **kwargs, **explicit, **BLOCKS, decode=False, interpret=True)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(visited))
 
 
-def test_fully_masked_rows_are_exactly_zero():
+KERNELS = pytest.mark.parametrize("kernel", [dict(decode=False, **BLOCKS), dict(decode=True, **SPLIT)],
+                                  ids=["query_tiled", "split_key"])
+
+
+@KERNELS
+def test_fully_masked_rows_are_exactly_zero(kernel):
     b, t, s = 2, 24, 24
     q, k, v = _arrays(5, b, t, s, 2, 2, 32, "bfloat16")
     kv_valid = _kv_valid_left_pad(b, s, [0, 5])  # row 1: queries 0..4 see only padding
-    out = np.asarray(pallas_attention(q, k, v, kv_valid=kv_valid, **BLOCKS, interpret=True).astype(jnp.float32))
+    out = np.asarray(pallas_attention(q, k, v, kv_valid=kv_valid, **kernel, interpret=True).astype(jnp.float32))
     assert np.all(out[1, :5] == 0.0)
     assert np.all(np.abs(out[1, 5:]).sum(-1) > 0) and np.all(np.abs(out[0]).sum(-1) > 0)
 
 
+@KERNELS
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
 @pytest.mark.parametrize("mask", ["kv_valid", "cache_slots", "segments"])
-def test_masked_kv_cannot_reach_output(mask, poison):
+def test_masked_kv_cannot_reach_output(mask, poison, kernel):
     """NaN/inf in k and v of keys that no query may see changes no bit of the output."""
     b, t, s = 2, 6, 40
     q, k, v = _arrays(11, b, t, s, 4, 2, 32, "bfloat16")
@@ -209,19 +256,30 @@ def test_masked_kv_cannot_reach_output(mask, poison):
     bad_k, bad_v = k.copy(), v.copy()
     bad_k[hidden] = poison
     bad_v[hidden] = poison
-    clean = np.asarray(pallas_attention(q, k, v, **kw, **BLOCKS, interpret=True).astype(jnp.float32))
-    dirty = np.asarray(pallas_attention(q, bad_k, bad_v, **kw, **BLOCKS, interpret=True).astype(jnp.float32))
+    clean = np.asarray(pallas_attention(q, k, v, **kw, **kernel, interpret=True).astype(jnp.float32))
+    dirty = np.asarray(pallas_attention(q, bad_k, bad_v, **kw, **kernel, interpret=True).astype(jnp.float32))
     assert np.isfinite(dirty).all()
     np.testing.assert_array_equal(dirty, clean)
 
 
 @pytest.mark.parametrize("bad", [
     dict(block_q=24), dict(block_k=8), dict(num_warps=0), dict(recipe="flash"), dict(sliding_window=4, causal=False),
+    dict(num_splits=3), dict(num_splits=0),
 ])
 def test_bad_arguments_raise(bad):
     q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "float32")
     with pytest.raises(ValueError):
         pallas_attention(q, k, v, **bad, interpret=True)
+
+
+def test_split_key_kernel_refuses_too_many_rows():
+    q, k, v = _arrays(0, 1, 9, 9, 16, 2, 16, "float32")  # N * T = 144 > 128 rows
+    with pytest.raises(ValueError, match="N\\*T = 16\\*9 = 144"):
+        pallas_attention(q, k, v, decode=True, interpret=True)
+    q3, k3, v3 = _arrays(0, 1, 1, 9, 6, 3, 16, "float32")  # K = 3 kv heads: not a power of two
+    with pytest.raises(ValueError, match="K = 3"):
+        pallas_attention(q3, k3, v3, decode=True, interpret=True)
+    assert pallas_attention(q3, k3, v3, interpret=True).shape == q3.shape  # None picks the query-tiled kernel
 
 
 def test_dtype_mismatch_raises():

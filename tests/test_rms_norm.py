@@ -95,23 +95,26 @@ def test_bad_options_raise_value_error():
         kernel(x, w, eps=-1)
 
 
+@pytest.mark.parametrize("block_rows", [0, 2], ids=["chunked", "rows"])
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pallas_kernel_within_budget_of_xla_path(tolerances, dtype, recipe):
+def test_pallas_kernel_within_budget_of_xla_path(tolerances, dtype, recipe, block_rows):
     """kernels.rms_norm_pallas (interpret mode: the same kernel program, lowered by XLA) against
     the XLA path, held to rms_norm's own parity budget: only the f32 sum order of the mean
     square differs, which flips a rare rounding (measured: 1 of 5376 f16 elements, 1 ulp).
-    Weights of x's dtype and float32 (the two promotions of "hf")."""
+    Weights of x's dtype and float32 (the two promotions of "hf"). Both kernels: the
+    chunked one, and whole rows (2 a program, 5 rows: the last program half masked; D =
+    896 padded to 1024)."""
     from kernels.rms_norm import rms_norm  # the real XLA path (not a mutant: this compares two kernels)
     from kernels.rms_norm_pallas import pallas_rms_norm
 
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 3, 896)) * 10.0 ** rng.uniform(-2, 2, (2, 3, 1)), dtype)
+    x = jnp.asarray(rng.standard_normal((5, 896)) * 10.0 ** rng.uniform(-2, 2, (5, 1)), dtype)
     budget = tolerances.lookup("rms_norm", dtype, backend(), recipe).parity
     for wdt in (dtype, "float32"):
         w = jnp.asarray(rng.standard_normal(896) * 0.1 + 1, wdt)
         ref = rms_norm(x, w, recipe=recipe, implementation="xla")
-        got = pallas_rms_norm(x, w, recipe=recipe, interpret=True)
+        got = pallas_rms_norm(x, w, recipe=recipe, block_rows=block_rows, interpret=True)
         assert got.dtype == ref.dtype
         out_dt = jnp.dtype(ref.dtype).name
         require([judge_parity(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)),
@@ -119,14 +122,20 @@ def test_pallas_kernel_within_budget_of_xla_path(tolerances, dtype, recipe):
                  header=f"pallas vs xla rms_norm [{dtype}, weight {wdt}, {recipe}]: ", reproducer="")
 
 
-def test_pallas_kernel_refuses_widths_without_a_power_of_two_chunk():
+def test_pallas_kernel_refuses_what_it_cannot_hold():
     from kernels.rms_norm import rms_norm
     from kernels.rms_norm_pallas import pallas_rms_norm
 
     x, w = jnp.ones((2, 100), jnp.bfloat16), jnp.ones((100,), jnp.bfloat16)
-    with pytest.raises(ValueError, match="D = 100"):
-        pallas_rms_norm(x, w, interpret=True)
+    with pytest.raises(ValueError, match="D = 100"):  # the chunked kernel needs a power-of-two divisor >= 16
+        pallas_rms_norm(x, w, block_rows=0, interpret=True)
+    with pytest.raises(ValueError, match="block_rows"):
+        pallas_rms_norm(x, w, block_rows=3, interpret=True)
+    wide, ww = jnp.ones((2, 9000), jnp.bfloat16), jnp.ones((9000,), jnp.bfloat16)
+    with pytest.raises(ValueError, match="D = 9000"):  # 2 rows of 16384 padded elements
+        pallas_rms_norm(wide, ww, block_rows=2, interpret=True)
     with pytest.raises(ValueError, match="implementation"):
         rms_norm(x, w, implementation="triton")
-    # The default picks the XLA path for such a width on every platform (no error).
-    assert rms_norm(x, w).shape == (2, 100)
+    # Whole rows take any width that fits: D = 100 is padded to 128 by masked loads.
+    np.testing.assert_array_equal(np.asarray(pallas_rms_norm(x, w, block_rows=1, interpret=True)),
+                                  np.asarray(rms_norm(x, w, implementation="xla")))
