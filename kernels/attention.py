@@ -415,13 +415,13 @@ def gqa_attention(
     b, t, n, h = q.shape
     s = k.shape[1]
     scale = h ** -0.5 if scale is None else scale
-    masks = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
+    call_opts = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
                  segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap, recipe=recipe)
     if implementation == "pallas" or (implementation is None and q.dtype != jnp.float32):
         from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
 
         def pallas(q, k, v):
-            return pallas_attention(q, k, v, **masks)
+            return pallas_attention(q, k, v, **call_opts)
 
         if implementation == "pallas":
             return pallas(q, k, v)
@@ -429,7 +429,7 @@ def gqa_attention(
         # kernels (prefill 5x, decode 1.5x the XLA path's speed on an H100, each within the
         # GPU budgets of tolerances.yaml); float32 keeps the XLA path's pair scores.
         return jax.lax.platform_dependent(q, k, v, cuda=pallas, default=lambda q, k, v: gqa_attention(
-            q, k, v, **masks, q_chunk=q_chunk, implementation="xla"))
+            q, k, v, **call_opts, q_chunk=q_chunk, implementation="xla"))
     if implementation == "cudnn":
         return _cudnn(q, k, v, scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                       kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,

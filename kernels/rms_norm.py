@@ -23,7 +23,7 @@ The statistic is per row of the last axis; all leading axes are batch axes.
 Implementations (``implementation=``): this module's XLA ops on any backend, or
 ``kernels.rms_norm_pallas`` (a Triton kernel that reads each row once, against XLA's
 twice: benchmarks/README.md), the default on a CUDA GPU when a whole row (D padded to a
-power of two) fits its program. Only the float32 order of the mean square's sum differs
+power of two) fits its program, or chunks of it do. Only the float32 order of the mean square's sum differs
 between them; both are held to the same budgets.
 """
 
@@ -81,9 +81,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
         mean square is near eps.
       recipe: ``"hf"``, ``"gemma"`` or ``"fp32_weight"`` (see the module docstring).
       implementation: ``"xla"`` (this function, any backend), ``"pallas"``
-        (``kernels.rms_norm_pallas``: one Triton kernel that reads each row once; GPU,
-        D up to ``MAX_ROW`` = 16384) or ``None``: ``"pallas"`` on a CUDA GPU when D allows
-        it, else ``"xla"`` (a choice made at trace time from the platform and the static
+        (``kernels.rms_norm_pallas``: one Triton kernel that reads each row once; GPU;
+        whole rows up to D = 16384, chunks beyond when a power of two >= 16 divides D)
+        or ``None``: ``"pallas"`` on a CUDA GPU when D allows it, else ``"xla"`` (a choice made at trace time from the platform and the static
         D; both follow the same recipe, measured within the same budgets).
 
     Returns:
@@ -94,17 +94,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
     check_args(x, weight, eps=eps, recipe=recipe)
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="rms_norm")
     if implementation != "xla":
-        from kernels.rms_norm_pallas import MAX_ROW, padded_width, pallas_rms_norm  # imports this module
+        from kernels.rms_norm_pallas import MAX_ROW, chunk_for, padded_width, pallas_rms_norm  # imports this module
 
         dp = padded_width(x.shape[-1])
-        block_rows = 2 if 2 * dp <= MAX_ROW else 1  # 2 rows a program (the measured default) when they fit
+        # Whole rows, 2 a program (the measured default) when they fit; else 1; wider rows
+        # than MAX_ROW: the chunked kernel (block_rows=0), which needs a power-of-two chunk.
+        block_rows = 2 if 2 * dp <= MAX_ROW else 1 if dp <= MAX_ROW else 0
 
         def pallas(x, weight):
             return pallas_rms_norm(x, weight, eps=eps, recipe=recipe, block_rows=block_rows)
 
         if implementation == "pallas":
             return pallas(x, weight)
-        if dp <= MAX_ROW:  # None: the fastest path of the platform (a padded row must fit a program)
+        if block_rows or chunk_for(x.shape[-1]) is not None:  # None: the fastest path of the platform
             return jax.lax.platform_dependent(x, weight, cuda=pallas,
                                               default=lambda x, w: _xla(x, w, eps=eps, recipe=recipe))
     return _xla(x, weight, eps=eps, recipe=recipe)

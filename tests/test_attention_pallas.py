@@ -147,22 +147,11 @@ MATRIX = ([(c, d, "hf") for c in CASES for d in ("bfloat16", "float16")]
              for d in ("bfloat16", "float16")])
 
 
-@pytest.mark.parametrize(("case", "dtype", "recipe"), MATRIX)
-def test_equals_gqa_attention(case, dtype, recipe):
-    """The query-tiled kernel (decode=False) on every case."""
-    b, t, s, n, kh, h, make_kwargs = CASES[case]
-    q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, dtype)
-    kw = dict(make_kwargs(b, t, s), recipe=recipe)
-    ref = reference(q, k, v, **kw)
-    got = pallas_attention(q, k, v, **kw, **BLOCKS, decode=False, interpret=True)
-    assert got.dtype == ref.dtype == jnp.dtype(NP_DTYPES[dtype])
-    _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe}")
-
-
 # The split-key kernel (decode=True) on the cases of at most 128 packed rows (N * T): every
 # mask kind but the window ("positions" has one), H = 48 padded to 64, T = 1 and T > 1,
 # splits of 2 blocks of 16 keys (S = 37 ... 48: 2 or 4 splits, the last partly padding).
 SPLIT = dict(block_k=16, num_splits=2)
+KERNEL_OPTS = {"query_tiled": dict(decode=False, **BLOCKS), "split_key": dict(decode=True, **SPLIT)}
 DECODE_CASES = [c for c in CASES if CASES[c][1] * CASES[c][3] <= 128]
 DECODE_MATRIX = ([(c, d, "hf") for c in DECODE_CASES for d in ("bfloat16", "float16")]
                  + [(c, "float32", "hf") for c in ("decode", "non_causal_h48", "softcap")]
@@ -170,15 +159,16 @@ DECODE_MATRIX = ([(c, d, "hf") for c in DECODE_CASES for d in ("bfloat16", "floa
                     for d in ("bfloat16", "float16")])
 
 
-@pytest.mark.parametrize(("case", "dtype", "recipe"), DECODE_MATRIX)
-def test_split_key_kernel_equals_gqa_attention(case, dtype, recipe):
+@pytest.mark.parametrize(("case", "dtype", "recipe", "kernel"),
+                         [(*m, "query_tiled") for m in MATRIX] + [(*m, "split_key") for m in DECODE_MATRIX])
+def test_equals_gqa_attention(case, dtype, recipe, kernel):
     b, t, s, n, kh, h, make_kwargs = CASES[case]
     q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, dtype)
     kw = dict(make_kwargs(b, t, s), recipe=recipe)
     ref = reference(q, k, v, **kw)
-    got = pallas_attention(q, k, v, **kw, **SPLIT, decode=True, interpret=True)
+    got = pallas_attention(q, k, v, **kw, **KERNEL_OPTS[kernel], interpret=True)
     assert got.dtype == ref.dtype == jnp.dtype(NP_DTYPES[dtype])
-    _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe} (split keys)")
+    _require_equal(got, ref, _term_sum(q, k, v, kw), dtype, f"{case} {dtype} {recipe} {kernel}")
 
 
 def test_split_count_changes_only_the_sum_order():
@@ -219,8 +209,7 @@ def test_block_skipping_changes_no_bit(kwargs):
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(visited))
 
 
-KERNELS = pytest.mark.parametrize("kernel", [dict(decode=False, **BLOCKS), dict(decode=True, **SPLIT)],
-                                  ids=["query_tiled", "split_key"])
+KERNELS = pytest.mark.parametrize("kernel", list(KERNEL_OPTS.values()), ids=list(KERNEL_OPTS))
 
 
 @KERNELS
