@@ -395,8 +395,9 @@ def gqa_attention(
         ``"fp32_logits"``, bf16/f16, masks it can express: causal with T == S or none,
         a sliding window; it normalises after the PV matmul, so its bits differ from the
         recipe's: no GPU budget is swept for it yet) or
-        ``"pallas"`` (``kernels.attention_pallas``: a fused two-pass GPU kernel that keeps
-        either recipe's roundings; ``q_chunk`` does not apply, its memory is O(block)).
+        ``"pallas"`` (``kernels.attention_pallas``: fused two-pass GPU kernels, query-tiled
+        or split-key, that keep either recipe's roundings; ``q_chunk`` does not apply,
+        their memory is O(block)).
         ``None``: ``"pallas"`` for bf16/f16 on a CUDA GPU (the fastest path that meets
         its GPU budget), ``"xla"`` otherwise (float32 everywhere: its pair scores). An
         option a path cannot honour raises ValueError; nothing falls back silently.

@@ -612,21 +612,15 @@ def pallas_attention(
         q_seg, kv_seg = segment_ids  # [B, T], [B, S]
     else:
         q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]: queries are the last T keys
-    if decode:
-        return _pallas_decode(
-            q, k, v, q_positions, kv_positions, jnp.asarray(kv_valid),
-            # Segment ids compare as int32 inside the kernel (the two may come in different int dtypes).
-            jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32),
-            scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap, recipe=recipe,
-            block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-            interpret=bool(interpret), default_positions=default_positions, has_segments=has_segments,
-            all_valid=all_valid)
-    return _pallas_attention(
+    # Only the blocking differs between the two kernels; masks and recipe are passed alike.
+    kernel, blocks = ((_pallas_decode, dict(num_splits=num_splits)) if decode
+                      else (_pallas_attention, dict(block_q=block_q)))
+    return kernel(
         q, k, v,
         q_positions, kv_positions, jnp.asarray(kv_valid),
         # Segment ids compare as int32 inside the kernel (the two may come in different int dtypes).
         jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32),
         scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap, recipe=recipe,
-        block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        **blocks, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
         interpret=bool(interpret), default_positions=default_positions, has_segments=has_segments,
         all_valid=all_valid)
