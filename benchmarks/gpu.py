@@ -11,18 +11,28 @@ Method (see benchmarks/README.md and /work/.library/device/METHOD.md):
   of a 1 GiB buffer, counting bytes read + written = 2 GiB a copy) and the bf16 matmul
   rate (``torch.matmul`` 8192^3 on random data, 2*8192^3 FLOPs). Both are measured again
   at the end (``ceilings_end``) to show drift (clocks, throttling).
-* Timing, the same method on every side: warm up (the compile), then enqueue ``iters``
-  calls back to back and wait once at the end (``jax.block_until_ready`` on the last
-  result; ``torch.cuda.synchronize``), host clock around the whole loop, divided by the
-  count. (JAX keeps at most 8 calls in flight: before the 9th it waits for the call 8
-  back, so the queue never drains and the outputs of queued calls cannot pile up.) ``iters`` is sized so that one timing lasts >= ``--target-ms`` (50 ms). The
-  median of ``--repeats`` (5) timings is reported. torch loops are also bracketed by
-  CUDA events (``time_s_events``, a cross-check).
+* Timing, the same method on every side: the device's own clock. After the warm-up
+  (the compile), ``--device-calls`` (5) calls run under torch.profiler's CUPTI kernel
+  trace, which records every kernel of the process (JAX's included), each call followed
+  by a synchronize and a 2 ms pause; ``time_s`` is the median over calls of the call's
+  *span* (first kernel start to last kernel end: the gaps between a call's own kernels
+  count, the host's dispatch before the first does not), divided by the applications in
+  the call. ``device`` in each entry also holds the kernels per application, their summed
+  durations (``busy_s``) and the largest kernels by name.
+* Beside it, the host-pipelined time (``time_s_pipelined``): enqueue ``iters`` calls back to
+  back and wait once (JAX keeps at most 8 calls in flight), host clock over the loop,
+  median of ``--repeats`` (5) timings of >= ``--target-ms`` (50 ms) each; torch loops are
+  also bracketed by CUDA events (``time_s_events``). It was the measurement of record
+  until session 5, when CUPTI showed it is bound by the host for JAX programs of short
+  kernels: XLA's runtime spends ~10-20 us of host time a kernel launch, so a program of
+  5 x 21 us rms_norm kernels read 24.7 us a kernel pipelined against 21.0 us on the
+  device, and the 0.5B rms_norm (6.3 us on the device) read 11-19 us
+  (benchmarks/results/probe_timing_h100.json). With no CUDA device (``--smoke`` on a
+  CPU) the pipelined time is the only one.
 * JAX calls of memory-bound kernels are grouped: one jitted program applies the kernel
   to each of ``n_sets`` independent input sets (one dispatch, ``n_sets`` applications;
-  time per application = elapsed / (iters * n_sets)), so that a ~5 us kernel is not
-  hidden behind the ~20 us host dispatch of a jitted call. torch calls rotate over the
-  same ``n_sets`` sets one call at a time.
+  time per application = span / n_sets). torch calls rotate over the same ``n_sets`` sets
+  one call at a time; the "CUDA graph" rows replay all sets in one graph.
 * Working set: ``n_sets = ceil(max(256 MiB, 5 x L2) / bytes of one call)`` (at most 12),
   so that each call reads inputs that are not in the 50 MB L2 (the previous use of a set
   was ``n_sets - 1`` calls ago, more than L2's worth of traffic in between). Inputs are
@@ -36,7 +46,7 @@ once, each output written once):
 
   rms_norm     x[T,D], w[D]:   bytes = 2*T*D*2 (read x, write y) + D*2 (weight)
   apply_rope   q[B,T,N,H], k[B,T,K,H], cos/sin[B,T,H] (HF's apply_rotary_pos_emb rotates
-               q and k together; so does our measurement: two apply_rope calls):
+               q and k together; so does our measurement: apply_rope_qk, or two apply_rope calls):
                bytes = 2*(T*N*H + T*K*H)*2 (read + write q and k) + 2*T*H*2 (cos, sin)
   swiglu_act   g[T,F], u[T,F] -> silu(g)*u:  bytes = 3*T*F*2
   softmax      x[B,N,T,T] bf16, f32 inside:   bytes = 2*N*T*T*2 (read x, write p)
@@ -149,8 +159,8 @@ def render_markdown(res: dict, *, summary_last: bool = False, compact: bool = Fa
     for k in SUMMARY_KEYS:
         v = res.get("summary", {}).get(k)
         summary.append(f"| {k} | {'null' if v is None else f'{v:.3f}'} | {str(notes.get(k, ''))[:wn]} |")
-    table.append("| model | op | implementation | time | GB/s | TFLOP/s | frac | rel_err | status |")
-    table.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    table.append("| model | op | implementation | time (device) | pipelined | GB/s | TFLOP/s | frac | rel_err | status |")
+    table.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for e in res.get("entries", []):
         st = e.get("status", "?")
         if st != "ok":
@@ -158,6 +168,7 @@ def render_markdown(res: dict, *, summary_last: bool = False, compact: bool = Fa
             st = (why if why.startswith(st) else f"{st}: {why}")[:wr]
         re_ = e.get("rel_err")
         table.append(f"| {e.get('model', '')} | {e.get('op', '')} | {e.get('impl', '')} | {_fmt_time(e.get('time_s'))} "
+                     f"| {_fmt_time(e.get('time_s_pipelined'))} "
                      f"| {_fmt(e.get('gbps'), 0)} | {_fmt(e.get('tflops'))} | {_fmt(e.get('frac'), 3)} "
                      f"| {'-' if re_ is None else f'{re_:.1e}'} | {st} |")
     parts = [head, table, summary] if summary_last else [head, summary, table]
@@ -330,6 +341,26 @@ class Bench:
         return dict(time_s=statistics.median(times), times_s=times, iters=iters,
                     time_s_events=statistics.median(ev_times) if ev_times else None), out0
 
+    def device_span(self, call, sync, group):
+        """Device seconds per application from CUPTI (``devtime.device_span``); None without CUDA."""
+        if not self.cuda:
+            return None
+        from devtime import device_span
+
+        return device_span(self.torch, call, sync, group, calls=self.args.device_calls)
+
+    def _apply_timing(self, e, stats, dev):
+        """``time_s`` = the device span when CUPTI measured one, else the pipelined time."""
+        e.update(stats)
+        e["time_s_pipelined"] = stats["time_s"]
+        if dev is not None:
+            e["device"] = dev
+            if dev.get("span_s"):
+                e["time_s"] = dev["span_s"]
+                e["timing_primary"] = "device span (CUPTI)"
+                return
+        e["timing_primary"] = "host pipelined"
+
     def _entry(self, spec, impl, side, **kw):
         e = {"name": f"{spec['model']}/{spec['op']}/{impl}", "op": spec["op"], "model": spec["model"], "impl": impl,
              "side": side, "shape": spec["shape"],
@@ -395,9 +426,9 @@ class Bench:
             t_c = time.perf_counter()
             jax.block_until_ready(g(tsets))
             e["compile_s"] = time.perf_counter() - t_c
-            stats, outs = self._timeit(lambda i: g(tsets), lambda o: o is not None and jax.block_until_ready(o),
-                                       group=len(sets), depth=8)
-            e.update(stats)
+            sync = lambda o: o is not None and jax.block_until_ready(o)  # noqa: E731
+            stats, outs = self._timeit(lambda i: g(tsets), sync, group=len(sets), depth=8)
+            self._apply_timing(e, stats, self.device_span(lambda i: g(tsets), sync, len(sets)))
             out0 = outs[0]
             e["status"] = "ok"
         except Exception as ex:  # noqa: BLE001
@@ -432,7 +463,7 @@ class Bench:
                 sync(fn(*sets[0]))
                 e["compile_s"] = time.perf_counter() - t_c  # first call (torch.compile: the compile)
                 stats, out0 = self._timeit(lambda i: fn(*sets[i % n]), sync, group=1, events=self.cuda)
-            e.update(stats)
+                self._apply_timing(e, stats, self.device_span(lambda i: fn(*sets[i % n]), sync, 1))
             e["status"] = "ok"
         except Exception as ex:  # noqa: BLE001
             status = "failed" if self.cuda else "skipped"
@@ -470,9 +501,9 @@ class Bench:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     outs = [fn(*a) for a in sets]
-                stats, _ = self._timeit(lambda i: graph.replay(), lambda _o: torch.cuda.synchronize(),
-                                        group=len(sets), events=True)
-            e.update(stats)
+                gsync = lambda _o: torch.cuda.synchronize()  # noqa: E731
+                stats, _ = self._timeit(lambda i: graph.replay(), gsync, group=len(sets), events=True)
+                self._apply_timing(e, stats, self.device_span(lambda i: graph.replay(), gsync, len(sets)))
             out0 = outs[0]
             e["status"] = "ok"
         except Exception as ex:  # noqa: BLE001
@@ -512,15 +543,17 @@ class Bench:
         dst = torch.empty_like(src)
         sync = (lambda _o: torch.cuda.synchronize()) if self.cuda else (lambda _o: None)
         stats, _ = self._timeit(lambda i: dst.copy_(src), sync, group=1, events=self.cuda)
-        out["copy"] = dict(bytes=2 * n, note="dst.copy_(src), bytes read + written", **stats,
-                           gbps=2 * n / stats["time_s"] / 1e9)
+        c = dict(bytes=2 * n, note="dst.copy_(src), bytes read + written")
+        self._apply_timing(c, stats, self.device_span(lambda i: dst.copy_(src), sync, 1))
+        out["copy"] = dict(c, gbps=2 * n / c["time_s"] / 1e9)
         del src, dst
         m = 256 if self.args.smoke else 8192
         a = torch.randn(m, m, device=self.tdev, dtype=torch.bfloat16)
         b = torch.randn(m, m, device=self.tdev, dtype=torch.bfloat16)
         stats, _ = self._timeit(lambda i: torch.matmul(a, b), sync, group=1, events=self.cuda)
-        out["matmul"] = dict(flops=2 * m**3, note=f"torch.matmul bf16 {m}^3, random normal inputs", **stats,
-                             tflops=2 * m**3 / stats["time_s"] / 1e12)
+        c = dict(flops=2 * m**3, note=f"torch.matmul bf16 {m}^3, random normal inputs")
+        self._apply_timing(c, stats, self.device_span(lambda i: torch.matmul(a, b), sync, 1))
+        out["matmul"] = dict(c, tflops=2 * m**3 / c["time_s"] / 1e12)
         del a, b
         self.free()
         self.res[key] = out
@@ -546,6 +579,14 @@ class Bench:
 # phase, and stopped 45 s before the budget, so that a slow inductor cannot starve the
 # main measurements).
 # ------------------------------------------------------------------------------------
+
+def same_size_copy(b: Bench, spec: dict, nbytes: int, fn, sets) -> None:
+    """The size-matched ceiling of a memory-bound op: ``x + 1`` over the same tensors (read
+    and written once, ``nbytes``), timed the same way. A kernel this size pays a fixed
+    ramp and tail that a 1 GiB copy hides; this entry shows what a plain copy keeps."""
+    b.run_jax(dict(spec, bytes=nbytes), "jax x + 1 over the same tensors (size-matched copy)", fn, sets,
+              side="ceiling")
+
 
 def _hf():
     from transformers.models.qwen2 import modeling_qwen2 as mq
@@ -576,6 +617,7 @@ def op_rms_norm(b: Bench, m: Model, phase: str):
         b.run_jax(spec, "kernels.rms_norm(hf, implementation=xla)",
                   lambda x, w: kernels.rms_norm(x, w, eps=EPS, recipe="hf", implementation="xla"),
                   [(x, w) for x in xs], ref=ref, extra={"recipe": "hf", "implementation": "xla"})
+        same_size_copy(b, spec, 2 * T * D * BF, lambda x, w: x + 1, [(x, w) for x in xs])
     else:
         b.run_compiled(spec, "torch.compile(Qwen2RMSNorm)", mod, tsets, ref=ref)
 
@@ -610,9 +652,16 @@ def op_apply_rope(b: Bench, m: Model, phase: str):
         b.run_torch(spec, "hf eager apply_rotary_pos_emb", mq.apply_rotary_pos_emb, tsets, ref=ref, to_common=to_common)
         b.run_torch_graph(spec, "hf eager apply_rotary_pos_emb, CUDA graph", mq.apply_rotary_pos_emb, tsets, ref=ref,
                           to_common=to_common)
-        b.run_jax(spec, "kernels.apply_rope(half), q and k",
-                  lambda q, k, c, s: (kernels.apply_rope(q, c, s, layout="half"), kernels.apply_rope(k, c, s, layout="half")),
-                  [(q, k, cos, sin) for q, k in zip(qs, ks)], ref=ref, extra={"recipe": "half"})
+        jsets = [(q, k, cos, sin) for q, k in zip(qs, ks)]
+        b.run_jax(spec, "kernels.apply_rope_qk (one launch)",
+                  lambda q, k, c, s: kernels.apply_rope_qk(q, k, c, s), jsets, ref=ref, extra={"recipe": "half"})
+        b.run_jax(spec, "kernels.apply_rope, q and k (two calls)",
+                  lambda q, k, c, s: (kernels.apply_rope(q, c, s), kernels.apply_rope(k, c, s)), jsets, ref=ref,
+                  extra={"recipe": "half"})
+        b.run_jax(spec, "kernels.apply_rope_qk(implementation=xla)",
+                  lambda q, k, c, s: kernels.apply_rope_qk(q, k, c, s, implementation="xla"), jsets, ref=ref,
+                  extra={"recipe": "half", "implementation": "xla"})
+        same_size_copy(b, spec, 2 * (T * N * H + T * K * H) * BF, lambda q, k, c, s: (q + 1, k + 1), jsets)
     else:
         b.run_compiled(spec, "torch.compile(apply_rotary_pos_emb)", mq.apply_rotary_pos_emb, tsets, ref=ref,
                        to_common=to_common)
@@ -762,6 +811,9 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
                   lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=not decode,
                                                                           implementation=impl),
                   jsets, ref=ref, side="peer", needs_gpu="implementation='cudnn'" if impl == "cudnn" else None)
+    if decode:  # what reading the cache alone costs: one XLA reduction over k and v
+        b.run_jax(dict(spec, flops=None), "XLA max over k and v (reads the cache once, same bytes)",
+                  lambda q, k, v: jnp.maximum(jnp.max(k, axis=1), jnp.max(v, axis=1)), jsets, side="ceiling")
 
 
 def op_attention_prefill(b, m, phase):
@@ -893,6 +945,11 @@ def summarize(res: dict) -> None:
                                                   if not ours else "ok") + "; cublas: "
                                       + (why_missing("lm_head", side="peer", cond=lambda e: e.get("cublas_reference"))
                                          if not cub else "ok"))
+    for key, op in (("rms_norm_bw_frac", "rms_norm"), ("apply_rope_bw_frac", "apply_rope"),
+                    ("decode_bw_frac", "attention_decode")):
+        c = pick(op, side="ceiling")
+        if c and c.get("frac") is not None and key in notes:
+            notes[key] += f"; same-size {'read' if op == 'attention_decode' else 'copy'}: {c['frac']:.3f}"
     res["summary"] = {k: summ.get(k) for k in SUMMARY_KEYS}
     res["summary_notes"] = notes
 
@@ -908,7 +965,8 @@ def main(argv=None):
     ap.add_argument("--models", default="7b,0.5b", help="comma list of 7b, 0.5b")
     ap.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
     ap.add_argument("--repeats", type=int, default=0, help="timings per measurement (median); default 5, smoke 2")
-    ap.add_argument("--target-ms", type=float, default=0, help="length of one timing; default 50, smoke 2")
+    ap.add_argument("--target-ms", type=float, default=0, help="length of one pipelined timing; default 50, smoke 2")
+    ap.add_argument("--device-calls", type=int, default=5, help="calls traced by CUPTI per measurement (median)")
     ap.add_argument("--budget-s", type=float, default=240, help="skip (and record) measurements that would start "
                     "after this many seconds from the start of the process; torch.compile peers stop 45 s earlier")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (recorded)")
@@ -924,8 +982,9 @@ def main(argv=None):
     # Before jax is imported: JAX must not grab 75% of the GPU (torch shares it).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    for p in (ROOT, ROOT / "benchmarks"):  # kernels; devtime (also there when run as a file)
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
 
     b = Bench(args)
     print(f"device: {b.res['device'].get('name')} | {b.res['versions']}", flush=True)

@@ -29,7 +29,7 @@ import time
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--what", default="decode,rms_norm")
+    ap.add_argument("--what", default="apply_rope,decode,rms_norm")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--trials", type=int, default=5)
     args = ap.parse_args(argv)
@@ -49,10 +49,26 @@ def main(argv=None):
     def randn(shape, i):
         return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32).astype(jnp.bfloat16)
 
+    try:
+        import torch
+        torch = torch if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        torch = None
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from devtime import device_span
+
     def time_grouped(fn, sets):
-        """Seconds per application: one jitted program over all sets, reps calls pipelined."""
+        """Seconds per application: one jitted program over all sets. On a CUDA device its
+        device span (CUPTI, ``devtime``); else the host clock over ``reps`` pipelined calls."""
         g = jax.jit(lambda ss: [fn(*s) for s in ss])
         jax.block_until_ready(g(sets))
+        if torch is not None:
+            d = device_span(torch, lambda i: g(sets), jax.block_until_ready, len(sets), calls=args.trials)
+            if "span_s" in d:
+                return d["span_s"]
+            raise RuntimeError(d["error"])
         ts = []
         for _ in range(args.trials):
             t0 = time.perf_counter()
@@ -67,9 +83,11 @@ def main(argv=None):
         t = time_grouped(lambda a: a + 1, [(x,)])
         return 2 * x.size * 2 / t / 1e9
 
+    def flat(x):  # one f32 vector of every output (a tuple for q and k)
+        return np.concatenate([np.asarray(a.astype(jnp.float32)).ravel() for a in jax.tree_util.tree_leaves(x)])
+
     def check(got, ref):
-        got = np.asarray(got.astype(jnp.float32))
-        ref = np.asarray(ref.astype(jnp.float32))
+        got, ref = flat(got), flat(ref)
         return {"max_abs_diff": float(np.abs(got - ref).max()), "bit_identical": float(np.mean(got == ref)),
                 "finite": bool(np.isfinite(got).all())}
 
@@ -112,11 +130,18 @@ def main(argv=None):
                 peers.append(("read k and v once (XLA max)", lambda q, k, v: jnp.repeat(jnp.maximum(
                     jnp.max(k, axis=1), jnp.max(v, axis=1)), N // K, axis=1)[:, None]))  # [1, 1, N, H]
             configs = []
-            for ns in (64, 128, 256):
-                for bk in (32, 64):
-                    for w, st in ((4, 2), (4, 3), (8, 3)):
+            for ns in (128, 256, 512):
+                for bk in (32, 64, 128):
+                    for w, st in ((4, 2), (4, 3), (4, 4), (8, 3)):
+                        if recipe == "fp32_logits" and (ns, bk) != (128, 64):
+                            continue
                         cfg = dict(recipe=recipe, num_splits=ns, block_k=bk, num_warps=w, num_stages=st)
                         configs.append((cfg, lambda q, k, v, c=cfg: pallas_attention(q, k, v, decode=True, **c)))
+            if recipe == "hf":  # what XLA runs around the two kernels (a copy costs a launch)
+                hlo = jax.jit(lambda q, k, v: gqa_attention(q, k, v)).lower(*sets[0]).compile().as_text()
+                ent = hlo[hlo.index("ENTRY"):]
+                res["decode_entry_hlo"] = [ln.strip()[:240] for ln in ent.splitlines()[1:] if " = " in ln]
+                print("\n".join(res["decode_entry_hlo"]), flush=True)
             res["results"][f"decode_{recipe}"] = sweep(f"decode {recipe}", nbytes, sets, configs, peers)
 
     if "rms_norm" in what:
@@ -133,6 +158,22 @@ def main(argv=None):
                 cfg = dict(block_rows=br, num_warps=w)
                 configs.append((cfg, lambda x, wt, c=cfg: pallas_rms_norm(x, wt, **c)))
         res["results"]["rms_norm"] = sweep("rms_norm", nbytes, sets, configs, peers)
+
+    if "apply_rope" in what:
+        from kernels.rope import apply_rope_qk
+        from kernels.rope_pallas import pallas_apply_rope
+
+        T, N, K, H = 4096, 28, 4, 128
+        nbytes = 2 * (T * N * H + T * K * H) * 2 + 2 * T * H * 2
+        sets = [(randn((1, T, N, H), 300 + i), randn((1, T, K, H), 400 + i), randn((1, T, H), 500 + i),
+                 randn((1, T, H), 600 + i)) for i in range(4)]
+        peers = [("apply_rope_qk(xla)", lambda q, k, c, s_: apply_rope_qk(q, k, c, s_, implementation="xla"))]
+        configs = []
+        for bt, w, ev in ((1, 8, None), (2, 8, None), (2, 4, None), (1, 16, None), (2, 16, None), (4, 16, None),
+                          (1, 8, "evict_first"), (2, 8, "evict_first"), (2, 16, "evict_first")):
+            cfg = dict(block_t=bt, num_warps=w, eviction_policy=ev)
+            configs.append((cfg, lambda q, k, c, s_, cf=cfg: pallas_apply_rope((q, k), c, s_, **cf)))
+        res["results"]["apply_rope"] = sweep("apply_rope", nbytes, sets, configs, peers)
 
     res["copy_gb_s_end"] = copy_bw()
     for name, rows in res["results"].items():

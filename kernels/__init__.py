@@ -7,7 +7,7 @@ docstring) and is checked against a PyTorch oracle (the ``oracles`` package).
 from kernels.rms_norm import rms_norm
 from kernels.softmax import softmax
 from kernels.attention import gqa_attention
-from kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
+from kernels.rope import apply_rope, apply_rope_qk, rope_cos_sin, rope_frequencies
 from kernels.swiglu import swiglu, swiglu_fused
 from kernels.projection import linear, lm_head
 from kernels.embedding import embed
@@ -19,6 +19,7 @@ __all__ = [
     "rope_frequencies",
     "rope_cos_sin",
     "apply_rope",
+    "apply_rope_qk",
     "swiglu",
     "swiglu_fused",
     "linear",

@@ -1,16 +1,17 @@
 """RMSNorm as one Pallas (Triton) kernel: each row read from memory once, written once.
 
 XLA compiles ``kernels.rms_norm`` to one fusion that reads every row twice (once for
-the mean square, once to normalise): 0.75 of the copy bandwidth on an H100 for
-Qwen2.5-7B's ``x[4096, 3584]`` (benchmarks/README.md). Two kernels here, both reading
-each row once:
+the mean square, once to normalise): 0.72 of the copy bandwidth on an H100 for
+Qwen2.5-7B's ``x[4096, 3584]`` (device time, benchmarks/README.md). Two kernels here,
+both reading each row once:
 
 * the whole-row kernel (the default, ``block_rows=R`` >= 1): a program loads R whole
   rows into registers, D padded to a power of two by masked loads (any D), and stores
   them normalised. The mean square is one f32 tree sum over the padded row. Measured
-  side by side on the H100 (benchmarks/results/tune_memory_h100.json, two runs):
-  23.1-24.9 us against 25.6-26.1 us for the chunked kernel and 27.0-28.2 us for XLA;
-  ``block_rows=2``, 8 warps was within 0.1 us of the best in both runs;
+  side by side on the H100's clock (benchmarks/results/tune_memory_h100.json): 21.4 us
+  (0.92 of copy; ``x + 1`` over the same tensors takes 21.6) against 23.7 us for the
+  chunked kernel and 26.8 us for XLA; ``block_rows=2``, 8 warps is within 1% of the best
+  of 11 configs;
 * the chunked kernel (``block_rows=0``): one program per row sums the squares chunk by
   chunk (``chunk`` a power of two dividing D, the second read then comes from L1/L2),
   then normalises. It needs such a divisor >= 16.

@@ -21,13 +21,15 @@ Three functions, split the way a model uses them:
          the reduced argument's low part.
       3. ``* float32(attention_scaling)`` in float32 (skipped when it is 1.0).
       4. one rounding to ``dtype``.
-``apply_rope(x[B,T,N,H], cos, sin, *, layout="half") -> x rotated``
+``apply_rope(x[B,T,N,H], cos, sin, *, layout="half", implementation=None) -> x rotated``
+(and ``apply_rope_qk(q, k, cos, sin)``, both at once: one launch on a GPU)
     ``x_rot * cos + rotate(x_rot) * sin`` in the promoted dtype of (x, cos). In bf16
     and f16, each product and the sum are rounded to that dtype, as torch does
     elementwise. The first R channels are rotated and the rest pass through
     (partial rotary). ``"half"`` pairs channel i with i + R/2 (HF ``rotate_half``).
     ``"interleaved"`` pairs 2i with 2i+1 (GPT-J / Meta / GLM), reading frequency i
-    from ``cos[..., i]``: both layouts take the same tables.
+    from ``cos[..., i]``: both layouts take the same tables. On a CUDA GPU, bf16/f16 with
+    layout "half" run as one Pallas kernel (``kernels.rope_pallas``), bit-identical.
 
 Positions must be integers below 2**24, so that their float32 value is exact. The
 argument reduction is exact for angles below about 1.6e6 rad.
@@ -49,6 +51,7 @@ from kernels._powf import torch_cpu_powf
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 LAYOUTS = ("half", "interleaved")
+IMPLEMENTATIONS = ("xla", "pallas")
 
 # Keys of HF's rope_parameters that each rope type requires / may use (besides the
 # generic rope_type / type / rope_theta / partial_rotary_factor).
@@ -414,7 +417,8 @@ def _sum_of_rounded_products(a, b, c, d, dt):
     return (rounded(a, b) + rounded(c, d)).astype(dt)  # f32 sum, one rounding to dt
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "half") -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "half",
+               implementation: str | None = None) -> jax.Array:
     """Rotate the first R channels of ``x[B, T, N, H]`` by the tables ``cos``/``sin[B, T, R]``.
 
     Recipe (HF ``apply_rotary_pos_emb``, with GLM's interleaved variant):
@@ -424,8 +428,60 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "h
       4. the channels R..H pass through unchanged.
     ``layout="half"`` rotates (i, i + R/2) with frequency i (``rotate_half``);
     ``layout="interleaved"`` rotates (2i, 2i + 1) with frequency i, using ``cos[..., :R/2]``.
+
+    ``implementation``: ``"xla"`` (XLA ops, any backend), ``"pallas"`` (one Triton kernel,
+    ``kernels.rope_pallas``; GPU; bf16/f16 x with tables of its dtype, layout "half", R/2 a
+    power of two and H - R zero or one; a ValueError otherwise) or ``None``: ``"pallas"`` on a CUDA GPU where it applies, else
+    ``"xla"``. Both give the same bits (every step is one correctly rounded operation).
     """
+    return _dispatch((x,), cos, sin, layout=layout, implementation=implementation)[0]
+
+
+def apply_rope_qk(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "half",
+                  implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(apply_rope(q, cos, sin), apply_rope(k, cos, sin))``, as HF's ``apply_rotary_pos_emb(q, k, cos, sin)``.
+
+    The same recipe and the same bits as two ``apply_rope`` calls; on a GPU the Pallas
+    path rotates q and k in one launch that reads each position's cos/sin once.
+    ``q[B, T, N, H]`` and ``k[B, T, K, H]`` (any head counts, one head dim, one dtype).
+    """
+    require_float("q", q, op="apply_rope_qk")
+    require_float("k", k, op="apply_rope_qk")
+    require_ndim("q", q, 4, op="apply_rope_qk", letters="BTNH")
+    require_ndim("k", k, 4, op="apply_rope_qk", letters="BTKH")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.dtype != k.dtype:
+        raise ValueError(f"apply_rope_qk: q and k must share B, T, H and dtype, got q {q.dtype}{list(q.shape)} "
+                         f"and k {k.dtype}{list(k.shape)}")
+    qo, ko = _dispatch((q, k), cos, sin, layout=layout, implementation=implementation)
+    return qo, ko
+
+
+def _dispatch(xs, cos, sin, *, layout, implementation):
+    """Check every x against the tables, then rotate them all by the chosen implementation."""
     require_choice("layout", layout, LAYOUTS, op="apply_rope")
+    require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="apply_rope")
+    for x in xs:
+        _check_apply(x, cos, sin)
+    if implementation != "xla":
+        from kernels.rope_pallas import pallas_apply_rope, supports
+
+        h, r = xs[0].shape[-1], cos.shape[-1]
+        ok = supports(xs[0].dtype, cos.dtype, layout=layout, h=h, r=r)
+        if implementation == "pallas":
+            if not ok:
+                raise ValueError(f"apply_rope: implementation='pallas' takes bfloat16/float16 x with cos/sin of "
+                                 f"its dtype, layout 'half', R/2 a power of two and H - R zero or one; got x "
+                                 f"{xs[0].dtype}, tables {cos.dtype}, layout {layout!r}, H = {h}, R = {r}; use "
+                                 f"implementation='xla' or None")
+            return pallas_apply_rope(xs, cos, sin)
+        if ok:  # None: the fastest path of the platform, chosen at trace time
+            return jax.lax.platform_dependent(
+                xs, cos, sin, cuda=lambda xs, c, s: pallas_apply_rope(xs, c, s),
+                default=lambda xs, c, s: tuple(_xla(x, c, s, layout=layout) for x in xs))
+    return tuple(_xla(x, cos, sin, layout=layout) for x in xs)
+
+
+def _check_apply(x, cos, sin):
     require_float("x", x, op="apply_rope")
     require_float("cos", cos, op="apply_rope")
     require_float("sin", sin, op="apply_rope")
@@ -437,6 +493,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "h
                          f"got cos {cos.dtype}{list(cos.shape)} and sin {sin.dtype}{list(sin.shape)}")
     if r % 2 or r <= 0 or r > h:
         raise ValueError(f"apply_rope: the rotary dim R = cos.shape[-1] must be even and in (0, H = {h}], got {r}")
+
+
+def _xla(x, cos, sin, *, layout):
+    """The recipe in XLA ops (any backend); arguments checked."""
+    h = x.shape[-1]
+    r = cos.shape[-1]
     dt = jnp.promote_types(x.dtype, cos.dtype)
     # torch promotes (x, table) before the products, e.g. bf16 x with f32 tables gives f32.
     xr = x[..., :r].astype(dt)  # [B, T, N, R]

@@ -230,6 +230,74 @@ def test_sin_cos_f32_within_one_ulp_of_float64_up_to_2_20():
     assert ulp_distance(c, np.cos(a64), dtype="float32", floor_rel=0.0).max() <= 1.0
 
 
+# --- the Pallas kernel (interpret mode: the same kernel program, lowered by XLA) ---------
+
+# (B, T, heads of each tensor, H, R): Qwen2.5's head counts (28 and 4: padded and not),
+# T not a multiple of block_t (the last program masked), partial rotary (channels R..H
+# copied through, H - R = R).
+PALLAS_SHAPES = [(1, 7, (28, 4), 128, 128), (2, 3, (14, 2), 64, 64), (1, 5, (3,), 128, 64), (1, 4, (2, 1), 64, 32)]
+
+
+@pytest.mark.parametrize("shape", PALLAS_SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}N{'-'.join(map(str, s[2]))}H{s[3]}R{s[4]}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pallas_kernel_equals_xla_path_bit_for_bit(dtype, shape):
+    """kernels.rope_pallas == the XLA path, every element: each step is one correctly rounded
+    operation, so the kernel has no freedom (no sum order) and any difference is a bug.
+    Magnitudes over four decades, so that dropping either rounding of a product shows."""
+    from kernels.rope_pallas import pallas_apply_rope
+
+    b, t, heads, h, r = shape
+    rng = np.random.default_rng(11)
+    xs = [jnp.asarray(rng.standard_normal((b, t, n, h)) * 10.0 ** rng.uniform(-2, 2, (b, t, n, 1)), dtype)
+          for n in heads]
+    # Tables whose halves differ (HF's repeat its frequencies; the recipe reads both halves).
+    ang = rng.uniform(0, 100, (b, t, r))
+    cos, sin = jnp.asarray(np.cos(ang), dtype), jnp.asarray(np.sin(ang), dtype)
+    for block_t in (1, 4):
+        got = pallas_apply_rope(xs, cos, sin, block_t=block_t, interpret=True)
+        for x, g in zip(xs, got):
+            ref = K.apply_rope(x, cos, sin, implementation="xla")
+            assert g.dtype == ref.dtype and g.shape == ref.shape
+            np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)),
+                                          err_msg=f"pallas vs xla apply_rope [{dtype}, x {x.shape}, R {r}, "
+                                                  f"block_t {block_t}]")
+
+
+def test_apply_rope_qk_equals_two_apply_rope_calls():
+    rng = np.random.default_rng(12)
+    q = jnp.asarray(rng.standard_normal((2, 3, 6, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, 3, 2, 64)), jnp.bfloat16)
+    pos = jnp.asarray(rng.integers(0, 5000, (2, 3)), jnp.int32)
+    inv, _ = K.rope_frequencies(64, theta=1e6)
+    cos, sin = K.rope_cos_sin(pos, inv, dtype=jnp.bfloat16)
+    for layout in ("half", "interleaved"):
+        qo, ko = K.apply_rope_qk(q, k, cos, sin, layout=layout)
+        np.testing.assert_array_equal(np.asarray(qo, np.float32), np.asarray(K.apply_rope(q, cos, sin, layout=layout), np.float32))
+        np.testing.assert_array_equal(np.asarray(ko, np.float32), np.asarray(K.apply_rope(k, cos, sin, layout=layout), np.float32))
+
+
+def test_pallas_path_refuses_what_it_does_not_compute():
+    from kernels.rope_pallas import pallas_apply_rope
+
+    x16 = jnp.ones((1, 2, 3, 64), jnp.bfloat16)
+    t16 = jnp.ones((1, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"implementation='pallas' takes bfloat16/float16 x .* got x float32"):
+        K.apply_rope(x16.astype(jnp.float32), t16.astype(jnp.float32), t16.astype(jnp.float32), implementation="pallas")
+    with pytest.raises(ValueError, match=r"tables float32"):  # promoted to f32: XLA's path
+        K.apply_rope(x16, t16.astype(jnp.float32), t16.astype(jnp.float32), implementation="pallas")
+    with pytest.raises(ValueError, match=r"layout 'interleaved'"):
+        K.apply_rope(x16, t16, t16, layout="interleaved", implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation must be one of \[None, 'xla', 'pallas'\], got 'triton'"):
+        K.apply_rope(x16, t16, t16, implementation="triton")
+    with pytest.raises(ValueError, match=r"H = 80, R = 80"):  # R/2 = 40: the XLA path's
+        K.apply_rope(jnp.ones((1, 2, 3, 80), jnp.bfloat16), jnp.ones((1, 2, 80), jnp.bfloat16),
+                     jnp.ones((1, 2, 80), jnp.bfloat16), implementation="pallas")
+    with pytest.raises(ValueError, match=r"block_t must be a power of two >= 1, got 3"):
+        pallas_apply_rope((x16,), t16, t16, block_t=3, interpret=True)
+    with pytest.raises(ValueError, match=r"q and k must share B, T, H and dtype"):
+        K.apply_rope_qk(x16, jnp.ones((1, 2, 3, 32), jnp.bfloat16), t16, t16)
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 def test_bad_input_raises_value_error():

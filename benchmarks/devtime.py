@@ -1,0 +1,57 @@
+"""Device time of a call from CUPTI: the benchmarks' shared clock (GPU only).
+
+torch.profiler's CUDA activity trace records every kernel the process launches, JAX's
+(XLA's and Pallas/Triton's) included, with the device's own start and end times. So
+the time of a JAX program is measured without the host: ``device_span`` runs the call
+``calls`` times, each followed by a synchronize and a 2 ms pause (an idle gap that
+separates the calls' kernels in the trace), and takes each call's span from its first
+kernel's start to its last kernel's end. The gaps between a call's own kernels count;
+the host's dispatch before the first kernel does not.
+
+Why not the host clock: XLA's GPU runtime spends ~10-20 us of host time per kernel
+launch, so a program of short kernels, pipelined call after call, is timed by the host
+(benchmarks/results/probe_timing_h100.json: 7B rms_norm 24.7 us a kernel pipelined,
+21.0 us on the device; 0.5B 11.1 us against 6.3 us).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+
+GAP_US = 1000  # kernels closer than this belong to one call (calls are 2 ms apart)
+
+
+def device_span(torch, call, sync, group: int = 1, calls: int = 5) -> dict:
+    """Median device seconds per application of ``call(i)`` (``group`` applications a call).
+
+    ``sync(out)`` waits for a call's result. Returns ``span_s`` (the median span / group),
+    ``spans_s``, ``busy_s`` (summed kernel durations / group), ``kernels_per_app`` and
+    ``top_kernels_s``; or ``{"error": ...}`` when the trace does not split into one kernel
+    group per call (a call with a pause over 1 ms inside, or no kernels at all).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(call(0))  # warm: nothing of a first call (allocation, autotuning) in the trace
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            sync(call(i + 1))
+            time.sleep(0.002)
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)  # times in us
+    groups: list[list] = []
+    for e in evs:
+        if groups and e.time_range.start - groups[-1][-1].time_range.end < GAP_US:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    if len(groups) != calls:
+        return {"error": f"{len(groups)} kernel groups in the trace for {calls} calls"}
+    spans = [(g[-1].time_range.end - g[0].time_range.start) * 1e-6 / group for g in groups]
+    busy = [sum(e.time_range.end - e.time_range.start for e in g) * 1e-6 / group for g in groups]
+    by_name: collections.Counter = collections.Counter()
+    for e in groups[-1]:
+        by_name[e.name[:60]] += (e.time_range.end - e.time_range.start) * 1e-6 / group
+    return {"span_s": statistics.median(spans), "spans_s": spans, "busy_s": statistics.median(busy),
+            "kernels_per_app": len(groups[-1]) / group, "top_kernels_s": dict(by_name.most_common(4))}
