@@ -430,9 +430,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, layout: str = "h
     ``layout="interleaved"`` rotates (2i, 2i + 1) with frequency i, using ``cos[..., :R/2]``.
 
     ``implementation``: ``"xla"`` (XLA ops, any backend), ``"pallas"`` (one Triton kernel,
-    ``kernels.rope_pallas``; GPU; bf16/f16 x with tables of its dtype, layout "half", R/2 a
-    power of two and H - R zero or one; a ValueError otherwise) or ``None``: ``"pallas"`` on a CUDA GPU where it applies, else
-    ``"xla"``. Both give the same bits (every step is one correctly rounded operation).
+    ``kernels.rope_pallas``; GPU; bf16/f16 x with tables of its dtype, layout "half", R/2
+    a power of two and H - R zero or one; a ValueError otherwise) or ``None``: "pallas"
+    on a CUDA GPU where it applies, else "xla" (chosen at trace time from the platform
+    and the static shapes). Both give the same bits: every step is one correctly
+    rounded operation.
     """
     return _dispatch((x,), cos, sin, layout=layout, implementation=implementation)[0]
 

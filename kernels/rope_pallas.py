@@ -66,43 +66,44 @@ def supports(x_dtype, table_dtype, *, layout: str, h: int, r: int) -> bool:
 
 def _kernel(c_ref, s_ref, *refs, n_x, n_pos, block_t, rot, evict, exact):
     x_refs, o_refs = refs[:n_x], refs[n_x:]
-    half = rot // 2
-    hp = half  # a power of two (supports)
+    half = rot // 2  # a power of two (supports): column blocks need no mask
     t0 = pl.program_id(0) * block_t
-    row_ok = (t0 + jnp.arange(block_t)) < n_pos  # [bt]
-    col_ok = jnp.arange(hp) < half  # [hp]
-    m2 = row_ok[:, None] & col_ok[None, :]  # [bt, hp]
+    row_ok = (t0 + jnp.arange(block_t)) < n_pos  # [bt]: the last program may run past P
     rows = pl.ds(t0, block_t)
 
-    def table(ref, start):  # [bt, 1, hp] f32 (exact upcast), to broadcast over heads
-        return plgpu.load(ref.at[rows, pl.ds(start, hp)], mask=m2, other=0).astype(jnp.float32)[:, None, :]
+    def table(ref, start):  # [bt, 1, R/2] f32 (exact upcast), to broadcast over heads
+        m2 = jnp.broadcast_to(row_ok[:, None], (block_t, half))  # [bt, R/2]
+        return plgpu.load(ref.at[rows, pl.ds(start, half)], mask=m2, other=0).astype(jnp.float32)[:, None, :]
 
     c1, c2, s1, s2 = table(c_ref, 0), table(c_ref, half), table(s_ref, 0), table(s_ref, half)
     for x_ref, o_ref in zip(x_refs, o_refs):
         dt = x_ref.dtype
         heads, h = x_ref.shape[1], x_ref.shape[2]
         np_ = _pow2(heads)
-        head_ok = jnp.arange(np_) < heads  # [Np]
-        m3 = row_ok[:, None, None] & head_ok[None, :, None] & col_ok[None, None, :]  # [bt, Np, hp]
+        head_ok = jnp.arange(np_) < heads  # [Np]: heads padded to a power of two
+
+        def mask(width):  # [bt, Np, width]: real positions and heads
+            return jnp.broadcast_to(row_ok[:, None, None] & head_ok[None, :, None], (block_t, np_, width))
+
+        m3 = mask(half)
 
         def rnd(v, dt=dt):  # an exact f32 product or sum, rounded to dt, kept in f32
             return round_to_in_kernel(v, dt, interpret=exact)
 
         # Exact upcasts: the products of two dt values are then exact in f32.
-        x1 = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(0, hp)], mask=m3, other=0,
+        x1 = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(0, half)], mask=m3, other=0,
                         eviction_policy=evict).astype(jnp.float32)
-        x2 = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(half, hp)], mask=m3, other=0,
+        x2 = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(half, half)], mask=m3, other=0,
                         eviction_policy=evict).astype(jnp.float32)
-        y1 = rnd(x1 * c1) + rnd(-x2 * s1)  # [bt, Np, hp]: f32 sum of two dt values, as torch's dt add
+        y1 = rnd(x1 * c1) + rnd(-x2 * s1)  # [bt, Np, R/2]: f32 sum of two dt values, as torch's dt add
         y2 = rnd(x2 * c2) + rnd(x1 * s2)
-        plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(0, hp)], y1.astype(dt), mask=m3,  # the one rounding
-                    eviction_policy=evict)
-        plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(half, hp)], y2.astype(dt), mask=m3, eviction_policy=evict)
+        # The sums' one rounding to dt (exact values in, one round-to-nearest-even out).
+        plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(0, half)], y1.astype(dt), mask=m3, eviction_policy=evict)
+        plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(half, half)], y2.astype(dt), mask=m3, eviction_policy=evict)
         if rot < h:  # partial rotary: channels R..H pass through unchanged
             tp = h - rot  # a power of two (supports)
-            mt = row_ok[:, None, None] & head_ok[None, :, None] & (jnp.arange(tp) < tp)[None, None, :]
-            tail = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(rot, tp)], mask=mt, other=0)
-            plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(rot, tp)], tail, mask=mt)
+            tail = plgpu.load(x_ref.at[rows, pl.ds(0, np_), pl.ds(rot, tp)], mask=mask(tp), other=0)
+            plgpu.store(o_ref.at[rows, pl.ds(0, np_), pl.ds(rot, tp)], tail, mask=mask(tp))
 
 
 @functools.partial(jax.jit, static_argnames=("block_t", "num_warps", "eviction_policy", "interpret"))
@@ -134,8 +135,9 @@ def pallas_apply_rope(xs, cos: jax.Array, sin: jax.Array, *, block_t: int = 2, n
     The arguments are checked by :func:`kernels.rope.apply_rope` / ``apply_rope_qk``
     (call those; ``implementation="pallas"``); this raises only for what the kernel
     itself does not support (see :func:`supports`). ``block_t`` (positions a program,
-    a power of two) and ``num_warps`` are Triton launch parameters; the defaults were the
-    fastest of 16 pairs on an H100 (benchmarks/results/tune_memory_h100.json).
+    a power of two) and ``num_warps`` are Triton launch parameters. The defaults were the
+    fastest of 16 pairs on an H100 (benchmarks/results/tune_memory_h100.json); a second
+    sweep (tune_rope_h100.json) put three other settings within 1% of them, which is noise.
     ``eviction_policy``: Triton's L2 hint for the tensors' loads and stores (None,
     ``"evict_first"``, ``"evict_last"``); ignored in interpret mode.
     Returns a tuple, one rotated array per input, in its dtype.
