@@ -1,21 +1,27 @@
 """Block and launch parameters of the memory-bound Pallas kernels, side by side in one run.
 
-    python3 benchmarks/tune_memory.py --out results/tune_memory_h100.json [--what decode,rms_norm]
+    python3 benchmarks/tune_memory.py --out results/tune_memory_h100.json [--what apply_rope,decode,rms_norm]
 
 * ``decode``: ``pallas_attention(decode=True)`` (the split-key kernel) for a Qwen2.5-7B
   decode step (q[1,1,28,128], a bf16 KV cache of S = 32768 keys, K = 4), both recipes,
   over ``num_splits`` x ``block_k`` x ``num_warps`` x ``num_stages``; beside it the XLA
-  path and ``jax.nn.dot_product_attention`` (xla).
+  path, ``jax.nn.dot_product_attention`` (xla) and one XLA reduction that reads k and v.
+  The compiled HLO of the default path is saved too (``decode_entry_hlo``).
 * ``rms_norm``: ``pallas_rms_norm`` on x[4096, 3584] bf16, the chunked kernel and the
   whole-row kernel (``block_rows`` rows a program) over ``num_warps``; beside it the XLA
   path.
+* ``apply_rope``: ``pallas_apply_rope`` on q and k (7B prefill) over ``block_t`` x
+  ``num_warps`` x the L2 eviction hint; beside it the XLA path. (The apply_rope rows of
+  results/tune_memory_h100.json come from a first, wider sweep: block_t and num_warps
+  each over 1, 2, 4, 8. results/tune_rope_h100.json is this narrower one.)
 
 Every config is first checked against the XLA path on the same inputs (largest
-difference, fraction of bit-identical outputs), then timed the way ``gpu.py`` times:
-one jitted program applies the kernel to each of ``n_sets`` input sets (more than the
-50 MB L2 between two uses of a set), ``--reps`` such calls are enqueued back to back
-and waited for once; the median of ``--trials`` groups, per application. The copy
-ceiling (JAX ``x + 1`` over 1 GiB) is timed the same way at the start and at the end.
+difference, fraction of bit-identical outputs), then timed: one jitted program applies
+the kernel to each of 4-5 input sets (more than the 50 MB L2 between two uses of a set).
+On a CUDA device the time is its device span over ``--trials`` calls (CUPTI,
+``devtime.device_span``), the median, per application; elsewhere the host clock over
+``--reps`` pipelined calls. The copy ceiling (JAX ``x + 1`` over 1 GiB) is timed the
+same way at the start and at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 
 def main(argv=None):
@@ -54,8 +62,6 @@ def main(argv=None):
         torch = torch if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         torch = None
-    import sys
-    from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from devtime import device_span
 
