@@ -521,7 +521,9 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
         compiler_params=params, interpret=interpret, name="pallas_decode_pv",
     )(*mask_in, scores, v, m_part, l_part)  # [B, n_split, Rp, Hp]
     # The splits' f32 partial sums added in f32, then one rounding to dt, as torch's matmul output.
-    o = jnp.sum(acc, axis=1)[:, :rows, :h].astype(q.dtype)  # [B, N*T, H]
+    # Padding cut before the sum, so that XLA fuses the slice into the reduction (cut after
+    # it, the slice ran as its own device copy: 1.1 us of a 37 us 7B decode step).
+    o = jnp.sum(acc[:, :, :rows, :h], axis=1).astype(q.dtype)  # [B, N*T, H]
     return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, T, N, H]
 
 
