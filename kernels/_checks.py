@@ -37,6 +37,22 @@ def require_ndim(name: str, x, ndim: int, *, op: str, letters: str) -> None:
         )
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= ``x`` (1 for ``x <= 1``): Triton's block extents."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def is_pow2(x) -> bool:
+    """``x`` is an int (not a bool) and a power of two >= 1."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and x & (x - 1) == 0
+
+
+def require_pow2(name: str, value, *, op: str, minimum: int = 1, why: str = "") -> None:
+    """Raise unless ``value`` is a power-of-two int >= ``minimum`` (a Pallas launch parameter)."""
+    if not is_pow2(value) or value < minimum:
+        raise ValueError(f"{op}: {name} must be a power of two >= {minimum}{why}, got {value!r}")
+
+
 def require_positive(name: str, value, *, op: str) -> None:
     if not (value > 0):
         raise ValueError(f"{op}: {name} must be > 0, got {value!r}")

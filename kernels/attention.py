@@ -416,8 +416,9 @@ def gqa_attention(
     b, t, n, h = q.shape
     s = k.shape[1]
     scale = h ** -0.5 if scale is None else scale
-    call_opts = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid,
-                 segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap, recipe=recipe)
+    call_opts = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+                     kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,
+                     recipe=recipe)
     if implementation == "pallas" or (implementation is None and q.dtype != jnp.float32):
         from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
 
@@ -427,8 +428,11 @@ def gqa_attention(
         if implementation == "pallas":
             return pallas(q, k, v)
         # None: the fastest path of the platform. On a CUDA GPU bf16/f16 take the Pallas
-        # kernels (prefill 5x, decode 1.5x the XLA path's speed on an H100, each within the
-        # GPU budgets of tolerances.yaml); float32 keeps the XLA path's pair scores.
+        # kernels, each within the GPU budgets of tolerances.yaml. On an H100 (device time,
+        # benchmarks/README.md) prefill runs ~5x the XLA path's speed; a decode step takes
+        # the same device time as the XLA path but 3 kernels against its 12 fusions
+        # (probe_bw_h100.json), and batch-1 decode is bound by the host's launches.
+        # float32 keeps the XLA path's pair scores.
         return jax.lax.platform_dependent(q, k, v, cuda=pallas, default=lambda q, k, v: gqa_attention(
             q, k, v, **call_opts, q_chunk=q_chunk, implementation="xla"))
     if implementation == "cudnn":

@@ -94,6 +94,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._checks import is_pow2, next_pow2, require_pow2
 from kernels._round import round_to, round_to_in_kernel
 from kernels.attention import _check, tanh_f32
 
@@ -101,14 +102,8 @@ _OP = "pallas_attention"
 _MIN_BLOCK = 16  # tl.dot's smallest M, N and K
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _require_pow2_block(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < _MIN_BLOCK or value & (value - 1):
-        raise ValueError(f"{_OP}: {name} must be a power of two >= {_MIN_BLOCK} (Triton block shapes and "
-                         f"tl.dot's minimum), got {value!r}")
+    require_pow2(name, value, op=_OP, minimum=_MIN_BLOCK, why=" (Triton block shapes and tl.dot's minimum)")
 
 
 def _require_positive_int(name: str, value) -> None:
@@ -268,11 +263,11 @@ def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale,
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
-    bq = min(block_q, max(_MIN_BLOCK, _next_pow2(t)))  # no block larger than the padded T needs
-    bk = min(block_k, max(_MIN_BLOCK, _next_pow2(s)))
+    bq = min(block_q, max(_MIN_BLOCK, next_pow2(t)))  # no block larger than the padded T needs
+    bk = min(block_k, max(_MIN_BLOCK, next_pow2(s)))
     tp = -(-t // bq) * bq  # T padded to a multiple of bq
     sp = -(-s // bk) * bk  # S padded to a multiple of bk
-    hp = max(_MIN_BLOCK, _next_pow2(h))  # Triton block dims are powers of two
+    hp = max(_MIN_BLOCK, next_pow2(h))  # Triton block dims are powers of two
 
     q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))  # [B, Tp, N, Hp]; zero rows/columns
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, K, Hp]
@@ -458,10 +453,10 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     rows = n * t
-    rp = max(_MIN_BLOCK, _next_pow2(rows))  # packed rows, padded (by masked loads) for tl.dot: M >= 16, a power of two
-    hp = max(_MIN_BLOCK, _next_pow2(h))
-    bk = min(block_k, max(_MIN_BLOCK, _next_pow2(s)))
-    n_split = min(num_splits, _next_pow2(-(-s // bk)))  # no split without a real key
+    rp = max(_MIN_BLOCK, next_pow2(rows))  # packed rows, padded (by masked loads) for tl.dot: M >= 16, a power of two
+    hp = max(_MIN_BLOCK, next_pow2(h))
+    bk = min(block_k, max(_MIN_BLOCK, next_pow2(s)))
+    n_split = min(num_splits, next_pow2(-(-s // bk)))  # no split without a real key
     steps = -(-s // (bk * n_split))  # key blocks per split
     chunk = bk * steps
     sp = n_split * chunk  # S padded: every split holds `steps` whole key blocks
@@ -578,7 +573,7 @@ def pallas_attention(
            recipe=recipe, q_chunk=None)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    fits = n * t <= _DECODE_MAX_ROWS and kh & (kh - 1) == 0
+    fits = n * t <= _DECODE_MAX_ROWS and is_pow2(kh)
     if decode is None:
         decode = fits
     elif decode and not fits:
@@ -591,8 +586,7 @@ def pallas_attention(
     _require_pow2_block("block_k", block_k)
     _require_positive_int("num_warps", num_warps)
     _require_positive_int("num_stages", num_stages)
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"{_OP}: num_splits must be a power of two >= 1, got {num_splits!r}")
+    require_pow2("num_splits", num_splits, op=_OP)
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
     default_positions = q_positions is None and kv_positions is None

@@ -23,8 +23,8 @@ The statistic is per row of the last axis; all leading axes are batch axes.
 Implementations (``implementation=``): this module's XLA ops on any backend, or
 ``kernels.rms_norm_pallas`` (a Triton kernel that reads each row once, against XLA's
 twice: benchmarks/README.md), the default on a CUDA GPU when a whole row (D padded to a
-power of two) fits its program, or chunks of it do. Only the float32 order of the mean square's sum differs
-between them; both are held to the same budgets.
+power of two) fits its program, or chunks of it do. Only the float32 order of the mean
+square's sum differs between them; both are held to the same budgets.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
       implementation: ``"xla"`` (this function, any backend), ``"pallas"``
         (``kernels.rms_norm_pallas``: one Triton kernel that reads each row once; GPU;
         whole rows up to D = 16384, chunks beyond when a power of two >= 16 divides D)
-        or ``None``: ``"pallas"`` on a CUDA GPU when D allows it, else ``"xla"`` (a choice made at trace time from the platform and the static
-        D; both follow the same recipe, measured within the same budgets).
+        or ``None``: ``"pallas"`` on a CUDA GPU when D allows it, else ``"xla"`` (a
+        choice made at trace time from the platform and the static D; both follow the
+        same recipe, measured within the same budgets).
 
     Returns:
       ``"hf"``: dtype ``promote(weight.dtype, x.dtype)`` (torch's promotion rule, which

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._checks import is_pow2, next_pow2
 from kernels._round import round_to_in_kernel
 from kernels.rms_norm import check_args, torch_rsqrt
 
@@ -100,7 +101,7 @@ def _row_kernel(x_ref, w_ref, o_ref, *, d, n_rows, block_rows, eps, recipe, exac
 
 def padded_width(d: int) -> int:
     """D rounded up to a power of two: the whole-row kernel's row width (masked beyond D)."""
-    return 1 << max(0, (d - 1).bit_length())
+    return next_pow2(d)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "recipe", "chunk", "block_rows", "num_warps", "interpret"))
@@ -139,7 +140,7 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recip
     """
     check_args(x, weight, eps=eps, recipe=recipe)
     d = x.shape[-1]
-    if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 0 or block_rows & (block_rows - 1):
+    if not (is_pow2(block_rows) or (type(block_rows) is int and block_rows == 0)):
         raise ValueError(f"pallas_rms_norm: block_rows must be 0 (chunked) or a power of two, got {block_rows!r}")
     if block_rows and padded_width(d) * block_rows > MAX_ROW:
         raise ValueError(f"pallas_rms_norm: {block_rows} rows of D = {d} (padded to {padded_width(d)}) exceed "

@@ -42,17 +42,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._checks import is_pow2, next_pow2, require_pow2
 from kernels._round import round_to_in_kernel
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 def supports(x_dtype, table_dtype, *, layout: str, h: int, r: int) -> bool:
@@ -61,7 +54,7 @@ def supports(x_dtype, table_dtype, *, layout: str, h: int, r: int) -> bool:
     power of two and H - R zero or one (the column blocks are then exact: a block that
     starts inside a row must not run past its end; every Qwen2/Llama head dim qualifies)."""
     return (layout == "half" and jnp.dtype(x_dtype) in DTYPES and jnp.dtype(table_dtype) == jnp.dtype(x_dtype)
-            and _is_pow2(r // 2) and (r == h or _is_pow2(h - r)))
+            and is_pow2(r // 2) and (r == h or is_pow2(h - r)))
 
 
 def _kernel(c_ref, s_ref, *refs, n_x, n_pos, block_t, rot, evict, exact):
@@ -79,7 +72,7 @@ def _kernel(c_ref, s_ref, *refs, n_x, n_pos, block_t, rot, evict, exact):
     for x_ref, o_ref in zip(x_refs, o_refs):
         dt = x_ref.dtype
         heads, h = x_ref.shape[1], x_ref.shape[2]
-        np_ = _pow2(heads)
+        np_ = next_pow2(heads)
         head_ok = jnp.arange(np_) < heads  # [Np]: heads padded to a power of two
 
         def mask(width):  # [bt, Np, width]: real positions and heads
@@ -142,8 +135,7 @@ def pallas_apply_rope(xs, cos: jax.Array, sin: jax.Array, *, block_t: int = 2, n
     ``"evict_first"``, ``"evict_last"``); ignored in interpret mode.
     Returns a tuple, one rotated array per input, in its dtype.
     """
-    if not isinstance(block_t, int) or isinstance(block_t, bool) or block_t < 1 or block_t & (block_t - 1):
-        raise ValueError(f"pallas_apply_rope: block_t must be a power of two >= 1, got {block_t!r}")
+    require_pow2("block_t", block_t, op="pallas_apply_rope")
     for x in xs:
         if not supports(x.dtype, cos.dtype, layout="half", h=x.shape[-1], r=cos.shape[-1]):
             raise ValueError(f"pallas_apply_rope: the kernel takes bfloat16/float16 x with tables of its dtype, "
