@@ -7,13 +7,18 @@
   over ``num_splits`` x ``block_k`` x ``num_warps`` x ``num_stages``; beside it the XLA
   path, ``jax.nn.dot_product_attention`` (xla) and one XLA reduction that reads k and v.
   The compiled HLO of the default path is saved too (``decode_entry_hlo``).
-* ``rms_norm``: ``pallas_rms_norm`` on x[4096, 3584] bf16, the chunked kernel and the
-  whole-row kernel (``block_rows`` rows a program) over ``num_warps``; beside it the XLA
-  path.
+* ``rms_norm``: ``pallas_rms_norm`` on x[4096, 3584] bf16 (7B), the chunked kernel and
+  the whole-row kernel (``block_rows`` rows a program) over ``num_warps``, and the
+  whole-row kernel on x[4096, 896] (0.5B); beside each the XLA path.
 * ``apply_rope``: ``pallas_apply_rope`` on q and k (7B prefill) over ``block_t`` x
   ``num_warps`` x the L2 eviction hint; beside it the XLA path. (The apply_rope rows of
   results/tune_memory_h100.json come from a first, wider sweep: block_t and num_warps
   each over 1, 2, 4, 8. results/tune_rope_h100.json is this narrower one.)
+
+results/tune_memory_h100.json is session 5's run; results/tune_memory_session6_h100.json
+is ``--what decode,rms_norm`` after the decode kernel moved to one kv head a program
+(whose "XLA path" decode peer still ran the GPU default, Pallas: the script now passes
+``implementation="xla"``).
 
 Every config is first checked against the XLA path on the same inputs (largest
 difference, fraction of bit-identical outputs), then timed: one jitted program applies
@@ -127,7 +132,8 @@ def main(argv=None):
         sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
                 for i in range(4)]  # 4 x 64 MiB of cache
         for recipe in ("hf", "fp32_logits"):
-            peers = [(f"gqa_attention({recipe}, xla)", lambda q, k, v, r=recipe: gqa_attention(q, k, v, recipe=r)),
+            peers = [(f"gqa_attention({recipe}, xla)",
+                      lambda q, k, v, r=recipe: gqa_attention(q, k, v, recipe=r, implementation="xla")),
                      ("jax.nn.dot_product_attention(xla)",
                       lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))]
             if recipe == "fp32_logits":
@@ -136,10 +142,10 @@ def main(argv=None):
                 peers.append(("read k and v once (XLA max)", lambda q, k, v: jnp.repeat(jnp.maximum(
                     jnp.max(k, axis=1), jnp.max(v, axis=1)), N // K, axis=1)[:, None]))  # [1, 1, N, H]
             configs = []
-            for ns in (128, 256, 512):
+            for ns in (None, 32, 128):  # None: the default (64 for K = 4)
                 for bk in (32, 64, 128):
                     for w, st in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                        if recipe == "fp32_logits" and (ns, bk) != (128, 64):
+                        if recipe == "fp32_logits" and (ns, bk) != (None, 64):
                             continue
                         cfg = dict(recipe=recipe, num_splits=ns, block_k=bk, num_warps=w, num_stages=st)
                         configs.append((cfg, lambda q, k, v, c=cfg: pallas_attention(q, k, v, decode=True, **c)))
@@ -151,19 +157,20 @@ def main(argv=None):
             res["results"][f"decode_{recipe}"] = sweep(f"decode {recipe}", nbytes, sets, configs, peers)
 
     if "rms_norm" in what:
-        T, D = 4096, 3584
-        nbytes = 2 * T * D * 2 + D * 2
-        sets = [(randn((T, D), 100 + i), randn((D,), 200 + i)) for i in range(5)]
-        peers = [("rms_norm(hf, xla)", lambda x, w: rms_norm(x, w, implementation="xla"))]
-        configs = []
-        for w in (1, 4):
-            cfg = dict(block_rows=0, num_warps=w)
-            configs.append((cfg, lambda x, wt, c=cfg: pallas_rms_norm(x, wt, **c)))
-        for br in (1, 2, 4):
-            for w in (4, 8, 16):
-                cfg = dict(block_rows=br, num_warps=w)
+        for name, D, chunked, sets_n in (("rms_norm", 3584, True, 5), ("rms_norm_0.5b", 896, False, 12)):
+            T = 4096
+            nbytes = 2 * T * D * 2 + D * 2
+            sets = [(randn((T, D), 100 + i), randn((D,), 200 + i)) for i in range(sets_n)]
+            peers = [("rms_norm(hf, xla)", lambda x, w: rms_norm(x, w, implementation="xla"))]
+            configs = []
+            for w in ((1, 4) if chunked else ()):
+                cfg = dict(block_rows=0, num_warps=w)
                 configs.append((cfg, lambda x, wt, c=cfg: pallas_rms_norm(x, wt, **c)))
-        res["results"]["rms_norm"] = sweep("rms_norm", nbytes, sets, configs, peers)
+            for br in (1, 2, 4):
+                for w in (4, 8, 16):
+                    cfg = dict(block_rows=br, num_warps=w)
+                    configs.append((cfg, lambda x, wt, c=cfg: pallas_rms_norm(x, wt, **c)))
+            res["results"][name] = sweep(name, nbytes, sets, configs, peers)
 
     if "apply_rope" in what:
         from kernels.rope import apply_rope_qk

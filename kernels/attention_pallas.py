@@ -11,14 +11,14 @@ applies):
 
 * query-tiled (prefill): one program per (batch, query head, block of queries) walks
   all keys twice (below);
-* split-key (decode, ``N * T <= 128`` packed query rows, K a power of two): one program
-  per (batch row, split of the keys) holds every query row of the batch row, so k and v
-  are read once, by ``B * num_splits`` programs. Pass 1 stores the split's scores (the
-  recipe's values, in dt for "hf") and its row max / sum; pass 2 combines every split's
-  max and sum into the global ones, rounds ``p = dt(exp(s - m) * (1 / l))`` as below and
-  writes the split's f32 ``p @ v``; XLA adds the splits in f32 and rounds once. Only
-  the f32 orders differ from the query-tiled kernel (and from XLA): the row sum over
-  splits, the PV sum over splits.
+* split-key (decode, ``G * T <= 128`` query rows a kv head): one program per (batch
+  row, kv head, split of the keys) holds the G * T query rows that read that kv head, so
+  k and v are read once, by ``B * K * num_splits`` programs. Pass 1 stores the split's
+  scores (the recipe's values, in dt for "hf") and its row max / sum; pass 2 combines
+  every split's max and sum into the global ones, rounds ``p = dt(exp(s - m) * (1 / l))``
+  as below and writes the split's f32 ``p @ v``; XLA adds the splits in f32 and rounds
+  once. Only the f32 orders differ from the query-tiled kernel (and from XLA): the row
+  sum over splits, the PV sum over splits.
 
 Dtype recipe, per (batch, query head, block of ``block_q`` queries) program, ``dt`` the
 input dtype, ``scale`` taken as an f32 scalar:
@@ -94,7 +94,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._checks import is_pow2, next_pow2, require_pow2
+from kernels._checks import next_pow2, require_pow2
 from kernels._round import round_to, round_to_in_kernel
 from kernels.attention import _check, tanh_f32
 
@@ -311,11 +311,15 @@ def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale,
 # Decode: few query rows, many keys. The query-tiled kernel above gives each (batch, query
 # head) one program that walks all S keys: at T = 1 that is B * N programs (28 on an H100's
 # 132 SMs for Qwen2.5-7B), each tile 1/16 full, and every kv head read G times. Here the
-# keys are split instead (flash-decoding), and all N * T query rows of a batch row share
-# each program, so k and v are read once, by B * num_splits programs.
+# keys are split instead (flash-decoding), and the G * T query rows of one kv head share
+# each program, so k and v are read once, by B * K * num_splits programs.
 # ---------------------------------------------------------------------------------------------
 
-_DECODE_MAX_ROWS = 128  # N * T query rows held in one tile (the [rows, block_k] scores live in registers)
+_DECODE_MAX_ROWS = 128  # G * T query rows held in one tile (the [rows, block_k] scores live in registers)
+# Default splits: about this many programs a batch row, two per H100 SM. Measured for a 7B
+# step (K = 4): 64 splits 32.4 us, 128 splits 34.0, 32 splits 33.9 at their best block
+# and launch (benchmarks/results/tune_memory_session6_h100.json).
+_DECODE_PROGRAMS = 256
 
 
 class _Masks:
@@ -338,14 +342,14 @@ class _Masks:
         return dict(zip(self.names, refs[:n])), refs[n:]
 
 
-def _decode_rows(masks, *, rp, rows, rows_per_kv, t_len, q_offset):
-    """Per packed row ``r = n * T + t``: (real, kv head, position, segment id), each ``[Rp]``."""
+def _decode_rows(masks, *, rp, rows, t_len, q_offset):
+    """Per row ``r = g * T + t`` of a kv head's tile (query head ``h * G + g``, query ``t``):
+    (real, position, segment id), each ``[Rp]``; the same for every kv head."""
     r = jnp.arange(rp, dtype=jnp.int32)
     real = r < rows  # padded rows see no key
-    kv = r // rows_per_kv  # query head n = r // T reads kv head n // G
     qpos = masks["rpos"][...] if "rpos" in masks else q_offset + r % t_len  # [Rp] int32
     qseg = masks["rseg"][...] if "rseg" in masks else None  # [Rp] int32
-    return real, kv, qpos, qseg
+    return real, qpos, qseg
 
 
 def _decode_visible(masks, key, local, *, real, qpos, qseg, block_k, s_len, causal, sliding_window):
@@ -361,32 +365,25 @@ def _decode_visible(masks, key, local, *, real, qpos, qseg, block_k, s_len, caus
     return _key_mask(vis, qpos, kpos, qseg, kseg, causal=causal, sliding_window=sliding_window)
 
 
-def _load_rows(q_ref, b, *, rp, rows):
-    """This batch row's packed queries ``[Rp, Hp]``: the ``rows`` real ones, zeros below (a
-    masked load: the padding is never materialised in memory)."""
-    real = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
-    return plgpu.load(q_ref.at[b, pl.ds(0, rp), :], mask=real, other=0)  # [Rp, Hp]
-
-
-def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, kv_heads, steps, rowinfo, vis_opts, exact):
-    """Pass 1 of one (batch row, key split) program: every packed row's scores over the split's
-    keys, stored (``s_ref``, the recipe's values: dt for "hf", f32 for "fp32_logits"; masked
-    keys -inf), with the split's row max ``m`` and row sum ``l`` of ``exp(s - m)`` (online, f32)."""
+def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinfo, vis_opts, exact):
+    """Pass 1 of one (batch row, kv head, key split) program: the head's rows' scores over
+    the split's keys, stored (``s_ref``, the recipe's values: dt for "hf", f32 for
+    "fp32_logits"; masked keys -inf), with the split's row max ``m`` and row sum ``l`` of
+    ``exp(s - m)`` (online, f32)."""
     masks, (q_ref, k_ref, s_ref, m_ref, l_ref) = mask_set.split(refs)
-    b, j = pl.program_id(0), pl.program_id(1)
-    block_k = vis_opts["block_k"]
-    dt = q_ref.dtype
-    q = _load_rows(q_ref, b, rp=rowinfo["rp"], rows=rowinfo["rows"])  # [Rp, Hp] dt
-    real, kv, qpos, qseg = _decode_rows(masks, **rowinfo)
+    b, kv, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_k, rp, rows = vis_opts["block_k"], rowinfo["rp"], rowinfo["rows"]
+    # This kv head's G * T packed rows, zeros below them (a masked load: the padding is
+    # never materialised in memory).
+    real_rows = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
+    q = plgpu.load(q_ref.at[b, pl.ds(kv * rows, rp), :], mask=real_rows, other=0)  # [Rp, Hp] dt
+    real, qpos, qseg = _decode_rows(masks, **rowinfo)
 
     def step(i, carry):
         m, l = carry
         local = pl.multiple_of(i * block_k, block_k)
-        raw = None
-        for h in range(kv_heads):  # each row keeps the dot with its own kv head (a select, never 0 * x)
-            d = _tile_dot(q, k_ref[pl.ds(local, block_k), h, :])  # [Rp, bk] f32
-            raw = d if raw is None else jnp.where((kv == h)[:, None], d, raw)
-        s = _recipe_steps(raw, dt, scale=scale, softcap=softcap, recipe=recipe, exact=exact)  # [Rp, bk] f32
+        s = _tile_scores(q, k_ref[pl.ds(local, block_k), :], scale=scale, softcap=softcap, recipe=recipe,
+                         exact=exact)  # [Rp, bk] f32
         vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
         s = jnp.where(vis, s, -jnp.inf)  # a select: NaN/inf of masked keys cannot leak
         s_ref[:, pl.ds(local, block_k)] = s.astype(s_ref.dtype)  # exact: "hf" scores are on dt's grid
@@ -395,18 +392,18 @@ def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, kv_heads, ste
         l = l * jnp.exp(m - m_use) + jnp.sum(jnp.exp(s - m_use[:, None]), axis=1)  # [Rp]
         return m_new, l
 
-    rp = rowinfo["rp"]
     m, l = lax.fori_loop(0, steps, step, (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32)))
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _decode_pv_kernel(*refs, mask_set, kv_heads, steps, rowinfo, vis_opts, all_used, exact):
-    """Pass 2 of one (batch row, key split) program: the row max and sum combined over all
-    splits (``m = max_j m_j``, ``l = sum_j l_j exp(m_j - m)``), then ``p = dt(exp(s - m) * (1 / l))``
-    and this split's ``p @ v`` in f32 (``acc_ref``; the splits are added by the caller)."""
+def _decode_pv_kernel(*refs, mask_set, steps, rowinfo, vis_opts, all_used, exact):
+    """Pass 2 of one (batch row, kv head, key split) program: the head's row max and sum
+    combined over all splits (``m = max_j m_j``, ``l = sum_j l_j exp(m_j - m)``), then
+    ``p = dt(exp(s - m) * (1 / l))`` and this split's ``p @ v`` in f32 (``acc_ref``; the
+    splits are added by the caller)."""
     masks, (s_ref, v_ref, m_ref, l_ref, acc_ref) = mask_set.split(refs)
-    j = pl.program_id(1)
+    j = pl.program_id(2)
     block_k = vis_opts["block_k"]
     dt = v_ref.dtype
     mj = m_ref[...]  # [n_split, Rp] every split's row max
@@ -414,7 +411,7 @@ def _decode_pv_kernel(*refs, mask_set, kv_heads, steps, rowinfo, vis_opts, all_u
     m = jnp.where(m == -jnp.inf, 0.0, m)  # a row with no visible key: every e is exp(-inf) = 0
     l = jnp.sum(l_ref[...] * jnp.exp(mj - m[None, :]), axis=0)  # [Rp]; an empty split: 0 * exp(-inf) = 0
     inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)  # reciprocal then multiply, as kernels.softmax
-    real, kv, qpos, qseg = _decode_rows(masks, **rowinfo)
+    real, qpos, qseg = _decode_rows(masks, **rowinfo)
 
     def step(i, acc):
         local = pl.multiple_of(i * block_k, block_k)
@@ -424,17 +421,13 @@ def _decode_pv_kernel(*refs, mask_set, kv_heads, steps, rowinfo, vis_opts, all_u
             p = round_to(p, dt)
         # Probabilities rounded to dt for the PV matmul (HF's .to(query.dtype)).
         p = p.astype(dt)  # [Rp, bk]
+        v = v_ref[pl.ds(local, block_k), :]  # [bk, Hp] dt
         if not all_used:  # keys no row sees: zero v so that p = 0 never meets NaN/inf (0 * NaN)
             vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg,
                                   **vis_opts)
             used = (jnp.max(jnp.where(vis, 1, 0), axis=0) > 0)[:, None]  # [bk, 1]
-        for h in range(kv_heads):
-            v = v_ref[pl.ds(local, block_k), h, :]  # [bk, Hp] dt
-            if not all_used:
-                v = jnp.where(used, v, jnp.zeros((), dt))
-            pv = jnp.dot(p, v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [Rp, Hp]
-            acc = acc + jnp.where((kv == h)[:, None], pv, 0.0)  # a select: another head's NaN stays there
-        return acc
+            v = jnp.where(used, v, jnp.zeros((), dt))
+        return acc + jnp.dot(p, v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [Rp, Hp]
 
     acc_ref[...] = lax.fori_loop(0, steps, step, jnp.zeros(acc_ref.shape, jnp.float32))
 
@@ -452,17 +445,20 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    rows = n * t
-    rp = max(_MIN_BLOCK, next_pow2(rows))  # packed rows, padded (by masked loads) for tl.dot: M >= 16, a power of two
+    g = n // kh
+    rows = g * t  # a kv head's query rows
+    rp = max(_MIN_BLOCK, next_pow2(rows))  # padded (by masked loads) for tl.dot: M >= 16, a power of two
     hp = max(_MIN_BLOCK, next_pow2(h))
     bk = min(block_k, max(_MIN_BLOCK, next_pow2(s)))
+    if num_splits is None:  # about _DECODE_PROGRAMS programs a batch row
+        num_splits = max(1, next_pow2(_DECODE_PROGRAMS // kh + 1) // 2)  # the power of two <= 256 / K
     n_split = min(num_splits, next_pow2(-(-s // bk)))  # no split without a real key
     steps = -(-s // (bk * n_split))  # key blocks per split
     chunk = bk * steps
     sp = n_split * chunk  # S padded: every split holds `steps` whole key blocks
 
-    # Row r = n * T + t: query head n at query t (all of a kv head's G * T rows are adjacent).
-    qr = q.reshape(b, n, h) if t == 1 else q.transpose(0, 2, 1, 3).reshape(b, rows, h)  # [B, N*T, H]
+    # Row n * T + t: query head n at query t, so kv head c's rows are c * G * T ... + G * T - 1.
+    qr = q.reshape(b, n, h) if t == 1 else q.transpose(0, 2, 1, 3).reshape(b, n * t, h)  # [B, N*T, H]
     if hp != h:  # zero columns add exact zeros to q . k and give zero output columns (dropped)
         qr = jnp.pad(qr, ((0, 0), (0, 0), (0, hp - h)))  # [B, N*T, Hp]
     if sp != s or hp != h:
@@ -470,8 +466,8 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
         v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, K, Hp]
     mask_set = _Masks(default_positions=default_positions, has_segments=has_segments, all_valid=all_valid)
     vectors = {
-        "rpos": lambda: jnp.tile(q_pos, (1, n)),  # [B, N*T]: row r has t = r % T
-        "rseg": lambda: jnp.tile(q_seg, (1, n)),  # [B, N*T]
+        "rpos": lambda: jnp.tile(q_pos, (1, g)),  # [B, G*T]: row r has t = r % T
+        "rseg": lambda: jnp.tile(q_seg, (1, g)),  # [B, G*T]
         "kpos": lambda: kv_pos,  # [B, S]
         "kseg": lambda: kv_seg,  # [B, S]
         # Validity as int32 (boolean refs are not portable to Triton).
@@ -483,43 +479,47 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
         # Row vectors padded to Rp, key vectors to Sp (padded rows and keys are cut by index).
         mask_in.append(jnp.pad(x, ((0, 0), (0, (rp if name in mask_set.row_names else sp) - x.shape[1]))))
     sq = pl.squeezed
-    mask_specs = [pl.BlockSpec((sq, rp), lambda bi, j: (bi, 0)) for _ in mask_set.row_names] + [
-        pl.BlockSpec((sq, chunk), lambda bi, j: (bi, j)) for _ in mask_set.key_names]
+    mask_specs = [pl.BlockSpec((sq, rp), lambda bi, c, j: (bi, 0)) for _ in mask_set.row_names] + [
+        pl.BlockSpec((sq, chunk), lambda bi, c, j: (bi, j)) for _ in mask_set.key_names]
 
-    rowinfo = dict(rp=rp, rows=rows, rows_per_kv=(n // kh) * t, t_len=t, q_offset=s - t)
+    rowinfo = dict(rp=rp, rows=rows, t_len=t, q_offset=s - t)
     vis_opts = dict(block_k=bk, s_len=s, causal=causal, sliding_window=sliding_window)
     # With the default masks (positions, no kv_valid, segments or window) the last query
     # (position S - 1) sees every key: no key is unused, so v needs no zeroing.
     all_used = default_positions and all_valid and not has_segments and sliding_window is None
-    kv_spec = pl.BlockSpec((sq, chunk, kh, hp), lambda bi, j: (bi, j, 0, 0))
-    part = pl.BlockSpec((sq, sq, rp), lambda bi, j: (bi, j, 0))
+    # One kv head's keys of one split: [chunk, Hp], rows K * Hp apart in the cache.
+    kv_spec = pl.BlockSpec((sq, chunk, sq, hp), lambda bi, c, j: (bi, j, c, 0))
+    scores_spec = pl.BlockSpec((sq, sq, rp, chunk), lambda bi, c, j: (bi, c, 0, j))
+    part = pl.BlockSpec((sq, sq, sq, rp), lambda bi, c, j: (bi, c, j, 0))
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     # "hf" scores are dt values (stored in dt, half the bytes); "fp32_logits" keeps f32.
     s_dt = q.dtype if recipe == "hf" else jnp.float32
-    common = dict(mask_set=mask_set, kv_heads=kh, steps=steps, rowinfo=rowinfo, vis_opts=vis_opts, exact=interpret)
+    common = dict(mask_set=mask_set, steps=steps, rowinfo=rowinfo, vis_opts=vis_opts, exact=interpret)
+    grid = (b, kh, n_split)
     scores, m_part, l_part = pl.pallas_call(
         functools.partial(_decode_scores_kernel, scale=scale, softcap=softcap, recipe=recipe, **common),
-        out_shape=(jax.ShapeDtypeStruct((b, rp, sp), s_dt), jax.ShapeDtypeStruct((b, n_split, rp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, n_split, rp), jnp.float32)),
-        grid=(b, n_split),
-        in_specs=[*mask_specs, pl.no_block_spec, kv_spec],  # q whole: _load_rows indexes it
-        out_specs=(pl.BlockSpec((sq, rp, chunk), lambda bi, j: (bi, 0, j)), part, part),
+        out_shape=(jax.ShapeDtypeStruct((b, kh, rp, sp), s_dt),
+                   jax.ShapeDtypeStruct((b, kh, n_split, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, n_split, rp), jnp.float32)),
+        grid=grid,
+        in_specs=[*mask_specs, pl.no_block_spec, kv_spec],  # q whole: the kernel loads its head's rows
+        out_specs=(scores_spec, part, part),
         compiler_params=params, interpret=interpret, name="pallas_decode_scores",
-    )(*mask_in, qr, k)  # [B, Rp, Sp], [B, n_split, Rp] x 2
-    whole = pl.BlockSpec((sq, n_split, rp), lambda bi, j: (bi, 0, 0))  # every split's m / l
+    )(*mask_in, qr, k)  # [B, K, Rp, Sp], [B, K, n_split, Rp] x 2
+    whole = pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, j: (bi, c, 0, 0))  # the head's m / l of every split
     acc = pl.pallas_call(
         functools.partial(_decode_pv_kernel, all_used=all_used, **common),
-        out_shape=jax.ShapeDtypeStruct((b, n_split, rp, hp), jnp.float32),
-        grid=(b, n_split),
-        in_specs=[*mask_specs, pl.BlockSpec((sq, rp, chunk), lambda bi, j: (bi, 0, j)), kv_spec, whole, whole],
-        out_specs=pl.BlockSpec((sq, sq, rp, hp), lambda bi, j: (bi, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, n_split, kh, rp, hp), jnp.float32),
+        grid=grid,
+        in_specs=[*mask_specs, scores_spec, kv_spec, whole, whole],
+        out_specs=pl.BlockSpec((sq, sq, sq, rp, hp), lambda bi, c, j: (bi, j, c, 0, 0)),
         compiler_params=params, interpret=interpret, name="pallas_decode_pv",
-    )(*mask_in, scores, v, m_part, l_part)  # [B, n_split, Rp, Hp]
+    )(*mask_in, scores, v, m_part, l_part)  # [B, n_split, K, Rp, Hp]
     # The splits' f32 partial sums added in f32, then one rounding to dt, as torch's matmul output.
     # Padding cut before the sum, so that XLA fuses the slice into the reduction (cut after
     # it, the slice ran as its own device copy: 1.1 us of a 37 us 7B decode step).
-    o = jnp.sum(acc[:, :, :rows, :h], axis=1).astype(q.dtype)  # [B, N*T, H]
-    return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, T, N, H]
+    o = jnp.sum(acc[:, :, :, :rows, :h], axis=1).astype(q.dtype)  # [B, K, G*T, H]
+    return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, K*G = N, T, H] -> [B, T, N, H]
 
 
 def pallas_attention(
@@ -541,7 +541,7 @@ def pallas_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     decode: bool | None = None,
-    num_splits: int = 128,
+    num_splits: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Grouped-query attention as one fused Pallas kernel; the numbers of :func:`gqa_attention`.
@@ -554,13 +554,13 @@ def pallas_attention(
         padded T / S). num_warps, num_stages: Triton's launch and pipelining parameters.
         The defaults (64, 32, 4, 3) were the fastest of 11 shapes for a causal N28 K4 H128
         prefill of 4096 bf16 tokens on an H100 (benchmarks/results/pallas_tune_h100.json).
-      decode: the split-key kernel (True), for few query rows: all ``N * T`` rows of a
-        batch row (at most 128) share each program, the keys are split over
-        ``num_splits`` programs (a power of two; fewer when S is short), each pass writes
-        per-split results (scores and row max/sum, then f32 partial ``p @ v``) and the
-        splits are added in f32 at the end. Needs a power-of-two K. False: the
-        query-tiled kernel. None: the split-key kernel when it applies. ``block_k``
-        defaults to 64 there.
+      decode: the split-key kernel (True), for few query rows: the ``G * T`` rows that
+        read one kv head (at most 128) share each program, each kv head's keys are split
+        over ``num_splits`` programs (a power of two; fewer when S is short; None: the
+        largest power of two <= 256 / K, about 256 programs a batch row), each pass
+        writes per-split results (scores and row max/sum, then f32 partial ``p @ v``)
+        and the splits are added in f32 at the end. False: the query-tiled kernel.
+        None: the split-key kernel when it applies. ``block_k`` defaults to 64 there.
       interpret: run the kernel through Pallas' interpreter (any backend, CPU included).
 
     Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s).
@@ -573,20 +573,21 @@ def pallas_attention(
            recipe=recipe, q_chunk=None)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    fits = n * t <= _DECODE_MAX_ROWS and is_pow2(kh)
+    g = n // kh
+    fits = g * t <= _DECODE_MAX_ROWS
     if decode is None:
         decode = fits
     elif decode and not fits:
-        raise ValueError(f"{_OP}: decode=True needs N*T <= {_DECODE_MAX_ROWS} query rows and a power-of-two "
-                         f"number of kv heads, got N*T = {n}*{t} = {n * t}, K = {kh} (q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}); use decode=False")
+        raise ValueError(f"{_OP}: decode=True needs G*T <= {_DECODE_MAX_ROWS} query rows a kv head, got "
+                         f"G*T = {g}*{t} = {g * t} (q {tuple(q.shape)}, k {tuple(k.shape)}); use decode=False")
     if block_k is None:
         block_k = 64 if decode else 32
     _require_pow2_block("block_q", block_q)
     _require_pow2_block("block_k", block_k)
     _require_positive_int("num_warps", num_warps)
     _require_positive_int("num_stages", num_stages)
-    require_pow2("num_splits", num_splits, op=_OP)
+    if num_splits is not None:
+        require_pow2("num_splits", num_splits, op=_OP)
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
     default_positions = q_positions is None and kv_positions is None

@@ -95,12 +95,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
     check_args(x, weight, eps=eps, recipe=recipe)
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="rms_norm")
     if implementation != "xla":
-        from kernels.rms_norm_pallas import MAX_ROW, chunk_for, padded_width, pallas_rms_norm  # imports this module
+        from kernels.rms_norm_pallas import chunk_for, default_block_rows, pallas_rms_norm  # imports this module
 
-        dp = padded_width(x.shape[-1])
-        # Whole rows, 2 a program (the measured default) when they fit; else 1; wider rows
-        # than MAX_ROW: the chunked kernel (block_rows=0), which needs a power-of-two chunk.
-        block_rows = 2 if 2 * dp <= MAX_ROW else 1 if dp <= MAX_ROW else 0
+        # Whole rows (the measured count a program) when one fits in MAX_ROW; wider rows: the
+        # chunked kernel (block_rows=0), which needs a power-of-two chunk.
+        block_rows = default_block_rows(x.shape[-1])
 
         def pallas(x, weight):
             return pallas_rms_norm(x, weight, eps=eps, recipe=recipe, block_rows=block_rows)

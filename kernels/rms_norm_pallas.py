@@ -8,10 +8,9 @@ both reading each row once:
 * the whole-row kernel (the default, ``block_rows=R`` >= 1): a program loads R whole
   rows into registers, D padded to a power of two by masked loads (any D), and stores
   them normalised. The mean square is one f32 tree sum over the padded row. Measured
-  side by side on the H100's clock (benchmarks/results/tune_memory_h100.json): 21.4 us
+  side by side on the H100's clock (benchmarks/results/tune_memory_h100.json): 21.2 us
   (0.92 of copy; ``x + 1`` over the same tensors takes 21.6) against 23.7 us for the
-  chunked kernel and 26.8 us for XLA; ``block_rows=2``, 8 warps is within 1% of the best
-  of 11 configs;
+  chunked kernel and 26.8 us for XLA. The default rows a program: :func:`default_block_rows`;
 * the chunked kernel (``block_rows=0``): one program per row sums the squares chunk by
   chunk (``chunk`` a power of two dividing D, the second read then comes from L1/L2),
   then normalises. It needs such a divisor >= 16.
@@ -104,6 +103,20 @@ def padded_width(d: int) -> int:
     return next_pow2(d)
 
 
+def default_block_rows(d: int) -> int:
+    """Whole rows a program for width ``d``: 1 from a padded width of 4096, else 2 (0, the
+    chunked kernel, past ``MAX_ROW``).
+
+    Measured on an H100 (bf16, 4096 rows, 8 warps; benchmarks/README.md): for Qwen2.5-7B's
+    D = 3584, 1 row beat 2 in each of three sweeps (21.17 against 21.49 us,
+    tune_memory_session6_h100.json; 21.14 / 21.29, probe_stream_h100.json; 21.18 / 21.36,
+    tune_memory_h100.json). 0.5B's D = 896 keeps 2 rows: 6.34 us with 8 warps (4 warps: 6.15, but
+    see ``num_warps`` in :func:`pallas_rms_norm`).
+    """
+    dp = padded_width(d)
+    return 0 if dp > MAX_ROW else 1 if dp >= 4096 else 2
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "recipe", "chunk", "block_rows", "num_warps", "interpret"))
 def _call(x2, weight, *, eps, recipe, chunk, block_rows, num_warps, interpret):
     rows, d = x2.shape
@@ -128,7 +141,7 @@ def _call(x2, weight, *, eps, recipe, chunk, block_rows, num_warps, interpret):
 
 
 def pallas_rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str = "hf",
-                    block_rows: int = 2, num_warps: int = 8, interpret: bool = False) -> jax.Array:
+                    block_rows: int | None = None, num_warps: int = 8, interpret: bool = False) -> jax.Array:
     """:func:`kernels.rms_norm.rms_norm` as one Pallas kernel (GPU; ``interpret=True`` anywhere).
 
     Args:
@@ -136,10 +149,16 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recip
       block_rows: whole rows per program (any D up to ``MAX_ROW`` padded), or 0 for the
         chunked kernel, which needs a power of two >= 16 dividing D (every Qwen2.5
         width: 896 = 7 x 128, 3584 = 7 x 512, ...). ValueError naming D otherwise.
-      num_warps: Triton's launch parameter (the default pair was measured on an H100).
+        None: :func:`default_block_rows`.
+      num_warps: Triton's launch parameter. It sets the order of the f32 sum of squares, so
+        changing it can move an f32 row's rsqrt factor by an ulp (and every element of the
+        row with it): at 0.5B, 4 warps ran 3% faster than 8 but flipped whole rows of
+        examples the GPU budget's mismatch fraction was measured on, so 8 stays.
     """
     check_args(x, weight, eps=eps, recipe=recipe)
     d = x.shape[-1]
+    if block_rows is None:
+        block_rows = default_block_rows(d)
     if not (is_pow2(block_rows) or (type(block_rows) is int and block_rows == 0)):
         raise ValueError(f"pallas_rms_norm: block_rows must be 0 (chunked) or a power of two, got {block_rows!r}")
     if block_rows and padded_width(d) * block_rows > MAX_ROW:
