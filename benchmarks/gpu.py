@@ -40,7 +40,7 @@ Method (see benchmarks/README.md and /work/.library/device/METHOD.md):
 * ``lm_head_vs_cublas`` comes from a second timing of the two sides in turns (ours,
   cuBLAS, ours, ... ``--lm-head-turns`` (7) each, ``res["lm_head_turns"]``): a 6 ms GEMM
   at the power limit drifts by 5-10% over a run, which timed apart decides a ratio of
-  about 1 by where each side fell (1.043 and 0.980 in two runs in a row).
+  about 1 by where each side fell (1.043, 0.980 and 1.062 in three runs).
 * Every implementation's output (set 0) is compared with the transformers eager peer's
   output on the same inputs: ``rel_err = ||out - ref|| / ||ref||`` in float32
   (a sanity check that each side computes the same function, not a parity test).
@@ -859,9 +859,9 @@ def op_lm_head(b: Bench, m: Model, phase: str):
                         extra={"cublas_reference": True})
     if m.name == "7b" and b.on_gpu:
         # The summary's ratio, timed in turns: ours, cuBLAS, ours, ... A 6 ms GEMM at the
-        # H100's power limit drifts by 5-10% over a run (session 6: kernels.lm_head read 1.043
-        # of cuBLAS in one run and 0.980 in the next, one after the other); in turns, the
-        # drift lands on both sides alike.
+        # H100's power limit drifts by 5-10% over a run (timed apart, kernels.lm_head read
+        # 1.043 of cuBLAS in session 5, 0.980 and 1.062 in two runs of session 6); in turns,
+        # the drift lands on both sides alike.
         jl = b.jax.jit(lambda h, w: kernels.lm_head(h, w, logits_dtype="float32"))
         sides = {"kernels.lm_head(logits_dtype=float32)": (lambda i: jl(h, w), b.jax.block_until_ready),
                  "torch.matmul bf16 (cuBLAS)": (lambda i: torch.matmul(th, tw), lambda _: torch.cuda.synchronize())}

@@ -121,7 +121,7 @@ CASES = {
     "causal": (2, 37, 37, 4, 2, 32, lambda b, t, s: {}),
     "non_causal_h48": (1, 20, 37, 4, 4, 48, lambda b, t, s: dict(causal=False)),
     "decode": (4, 1, 40, 16, 2, 32, lambda b, t, s: {}),
-    "decode_k3": (2, 3, 40, 6, 3, 32, lambda b, t, s: {}),  # K = 3: no power of two, 2 rows a kv head
+    "decode_k3": (2, 3, 40, 6, 3, 32, lambda b, t, s: {}),  # K = 3: no power of two; G * T = 6 rows a kv head
     "chunk": (2, 12, 45, 4, 2, 32, lambda b, t, s: {}),
     "kv_valid_empty_rows": (2, 24, 24, 4, 4, 32,
                             lambda b, t, s: dict(kv_valid=_kv_valid_left_pad(b, s, [0, 5]))),
