@@ -238,7 +238,11 @@ def test_sin_cos_f32_within_one_ulp_of_float64_up_to_2_20():
 PALLAS_SHAPES = [(1, 7, (28, 4), 128, 128), (2, 3, (14, 2), 64, 64), (1, 5, (3,), 128, 64), (1, 4, (2, 1), 64, 32)]
 
 
-@pytest.mark.parametrize("shape", PALLAS_SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}N{'-'.join(map(str, s[2]))}H{s[3]}R{s[4]}")
+def _shape_id(s):
+    return f"B{s[0]}T{s[1]}N{'-'.join(map(str, s[2]))}H{s[3]}R{s[4]}"
+
+
+@pytest.mark.parametrize("shape", PALLAS_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_pallas_kernel_equals_xla_path_bit_for_bit(dtype, shape):
     """kernels.rope_pallas == the XLA path, every element: each step is one correctly rounded
@@ -272,8 +276,9 @@ def test_apply_rope_qk_equals_two_apply_rope_calls():
     cos, sin = K.rope_cos_sin(pos, inv, dtype=jnp.bfloat16)
     for layout in ("half", "interleaved"):
         qo, ko = K.apply_rope_qk(q, k, cos, sin, layout=layout)
-        np.testing.assert_array_equal(np.asarray(qo, np.float32), np.asarray(K.apply_rope(q, cos, sin, layout=layout), np.float32))
-        np.testing.assert_array_equal(np.asarray(ko, np.float32), np.asarray(K.apply_rope(k, cos, sin, layout=layout), np.float32))
+        for got, x in ((qo, q), (ko, k)):
+            want = K.apply_rope(x, cos, sin, layout=layout)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_pallas_path_refuses_what_it_does_not_compute():
