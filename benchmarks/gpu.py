@@ -37,10 +37,12 @@ Method (see benchmarks/README.md and /work/.library/device/METHOD.md):
   so that each call reads inputs that are not in the 50 MB L2 (the previous use of a set
   was ``n_sets - 1`` calls ago, more than L2's worth of traffic in between). Inputs are
   random normal bf16 (never zeros).
-* ``lm_head_vs_cublas`` comes from a second timing of the two sides in turns (ours,
-  cuBLAS, ours, ... ``--lm-head-turns`` (7) each, ``res["lm_head_turns"]``): a 6 ms GEMM
-  at the power limit drifts by 5-10% over a run, which timed apart decides a ratio of
-  about 1 by where each side fell (1.043, 0.980 and 1.062 in three runs).
+* ``lm_head_vs_cublas`` comes from a second timing of the sides in turns (ours, cuBLAS,
+  ours, ... ``--lm-head-turns`` (7) each, ``res["lm_head_turns"]``): a 6 ms GEMM at the
+  power limit drifts by 5-10% over a run, which timed apart decides a ratio of about 1
+  by where each side fell (1.043, 0.980 and 1.062 in three runs). Each side runs with the
+  weight ``[D, V]`` and ``[V, D]``; the ratio is ours as the Qwen2 model calls it
+  (``w_layout="VD"``, HF's layout) against the faster torch layout.
 * Every implementation's output (set 0) is compared with the transformers eager peer's
   output on the same inputs: ``rel_err = ||out - ref|| / ||ref||`` in float32
   (a sanity check that each side computes the same function, not a parity test).
@@ -58,7 +60,7 @@ once, each output written once):
                matrix visible); bytes = (2*T*N*H + 2*S*K*H)*2 (q, out, k, v)
   attention_decode  (T=1, S keys all visible): bytes = 2*B*S*K*H*2 (the K and V caches
                read once; q and out are negligible); flops = 4*B*N*S*H
-  lm_head      h[T,D] @ w[D,V]: flops = 2*T*D*V; bytes = T*D*2 + D*V*2 + T*V*(4 | 2)
+  lm_head      h[T,D] @ w[D,V] (or w[V,D]^T): flops = 2*T*D*V; bytes = T*D*2 + D*V*2 + T*V*(4 | 2)
   linear       x[T,I] @ w[I,O] (+ b[O]): flops = 2*T*I*O; bytes = (T*I + I*O + T*O (+O))*2
 
 ``frac`` is achieved GB/s over the measured copy bandwidth for memory-bound ops, and
@@ -69,8 +71,9 @@ Peers: transformers' eager ops (Qwen2RMSNorm, apply_rotary_pos_emb, Qwen2MLP's
 act_fn(g)*u, softmax(dtype=f32).to(bf16), eager_attention_forward with repeat_kv);
 torch.compile (mode default, dynamic=False) of the same; torch SDPA with the flash (and
 cuDNN) backend forced and enable_gqa=True; jax.nn.dot_product_attention with
-implementation "xla" and "cudnn" (native GQA: k/v with K < N heads); torch bf16 matmul
-(cuBLAS) for lm_head and F.linear for linear. The eager peers of the memory-bound ops are
+implementation "xla" and "cudnn" (native GQA: k/v with K < N heads); torch bf16 cuBLAS
+for lm_head (``torch.matmul`` on w[D,V] and ``F.linear`` on w[V,D], ours in both layouts too)
+and F.linear for linear. The eager peers of the memory-bound ops are
 also timed as one CUDA graph over all input sets (rows "..., CUDA graph"), the torch
 twin of the grouped JAX program: eager torch pays a host launch per kernel, which at the
 0.5B shapes can exceed the kernels' own time. Anything that cannot run is recorded with
@@ -830,54 +833,70 @@ def op_attention_decode(b, m, phase):
     _attention(b, m, phase, decode=True)
 
 
+LM_OURS = "kernels.lm_head(logits_dtype=float32, w_layout=VD)"  # the summary's side: as the Qwen2 model calls it
+
+
 def op_lm_head(b: Bench, m: Model, phase: str):
     if phase != "main":
         return
     import kernels
     torch, jnp = b.torch, b.jnp
+    F = torch.nn.functional
     T, D, V = m.T, m.D, m.V
     h = b.randn((T, D))
-    w = b.randn((D, V), D ** -0.5)
-    th, tw = b.t(h), b.t(w)
+    w = b.randn((D, V), D ** -0.5)  # [D, V]: the kernels' [in, out]
+    wv = jnp.asarray(w.T)  # [V, D]: HF's lm_head.weight layout (the Qwen2 model's), a real copy
+    th, tw, twv = b.t(h), b.t(w), b.t(wv)
     with torch.inference_mode():
         ref = torch.matmul(th, tw)
     flops = 2 * T * D * V
+    layouts = (("VD", wv), ("DV", w))
     for ld, ob in (("float32", 4), (None, 2)):
-        spec = dict(op="lm_head", model=m.name, shape=f"h[{T},{D}] @ w[{D},{V}] bf16 -> {ld or 'bf16'}",
+        spec = dict(op="lm_head", model=m.name, shape=f"h[{T},{D}] @ w (D={D}, V={V}) bf16 -> {ld or 'bf16'}",
                     flops=flops, bytes=(T * D + D * V) * BF + T * V * ob, bound="compute")
-        b.run_jax(spec, f"kernels.lm_head(logits_dtype={ld})",
-                  lambda h, w, ld=ld: kernels.lm_head(h, w, logits_dtype=ld), [(h, w)], ref=ref,
-                  extra={"logits_dtype": ld or "bf16"})
+        for lay, ww in layouts:
+            b.run_jax(spec, f"kernels.lm_head(logits_dtype={ld}, w_layout={lay})",
+                      lambda h, w, ld=ld, lay=lay: kernels.lm_head(h, w, logits_dtype=ld, w_layout=lay), [(h, ww)],
+                      ref=ref, extra={"logits_dtype": ld or "bf16", "w_layout": lay})
         if ld == "float32":
-            b.run_jax(spec, "jnp.matmul default prec, f32 out",
+            b.run_jax(spec, "jnp.matmul default prec, f32 out, w[D,V]",
                       lambda h, w: jnp.matmul(h, w, preferred_element_type=jnp.float32), [(h, w)], ref=ref,
                       side="peer")
-            b.run_torch(spec, "torch.mm(out_dtype=float32) (cuBLAS)",
+            b.run_torch(spec, "torch.mm(out_dtype=float32) (cuBLAS), w[D,V]",
                         lambda h, w: torch.mm(h, w, out_dtype=torch.float32), [(th, tw)], ref=ref)
         else:
-            b.run_torch(spec, "torch.matmul bf16 (cuBLAS)", torch.matmul, [(th, tw)], ref=ref,
+            b.run_torch(spec, "torch.matmul bf16 (cuBLAS), w[D,V]", torch.matmul, [(th, tw)], ref=ref,
+                        extra={"cublas_reference": True})
+            b.run_torch(spec, "F.linear bf16 (cuBLAS), w[V,D] (HF's nn.Linear)", F.linear, [(th, twv)], ref=ref,
                         extra={"cublas_reference": True})
     if m.name == "7b" and b.on_gpu:
         # The summary's ratio, timed in turns: ours, cuBLAS, ours, ... A 6 ms GEMM at the
         # H100's power limit drifts by 5-10% over a run (timed apart, kernels.lm_head read
         # 1.043 of cuBLAS in session 5, 0.980 and 1.062 in two runs of session 6); in turns,
-        # the drift lands on both sides alike.
-        jl = b.jax.jit(lambda h, w: kernels.lm_head(h, w, logits_dtype="float32"))
-        sides = {"kernels.lm_head(logits_dtype=float32)": (lambda i: jl(h, w), b.jax.block_until_ready),
-                 "torch.matmul bf16 (cuBLAS)": (lambda i: torch.matmul(th, tw), lambda _: torch.cuda.synchronize())}
-        spans = {k: [] for k in sides}
-        for _ in range(b.args.lm_head_turns):
-            for k, (call, sync) in sides.items():
-                d = b.device_span(call, sync, 1)
-                spans[k].append(d["span_s"] if d and "span_s" in d else float("nan"))
+        # the drift lands on both sides alike. Both weight layouts on both sides; the
+        # summary takes ours as the model calls it (w_layout="VD") against the faster torch.
+        jl = b.jax.jit(lambda h, w, lay: kernels.lm_head(h, w, logits_dtype="float32", w_layout=lay),
+                       static_argnums=2)
+        tsync = lambda _: torch.cuda.synchronize()
+        with torch.inference_mode():
+            sides = {LM_OURS: (lambda i: jl(h, wv, "VD"), b.jax.block_until_ready),
+                     "kernels.lm_head(logits_dtype=float32, w_layout=DV)": (lambda i: jl(h, w, "DV"),
+                                                                           b.jax.block_until_ready),
+                     "torch.matmul bf16 (cuBLAS), w[D,V]": (lambda i: torch.matmul(th, tw), tsync),
+                     "F.linear bf16 (cuBLAS), w[V,D] (HF's nn.Linear)": (lambda i: F.linear(th, twv), tsync)}
+            spans = {k: [] for k in sides}
+            for _ in range(b.args.lm_head_turns):
+                for k, (call, sync) in sides.items():
+                    d = b.device_span(call, sync, 1)
+                    spans[k].append(d["span_s"] if d and "span_s" in d else float("nan"))
         med = {k: statistics.median(v) for k, v in spans.items()}
-        ours_s, cub_s = med.values()
+        peer = min((k for k in med if not k.startswith("kernels.")), key=lambda k: med[k])
         b.res["lm_head_turns"] = {"rounds": b.args.lm_head_turns, "calls_a_turn": b.args.device_calls,
                                   "spans_s": spans, "median_s": med,
                                   "tflops": {k: flops / v / 1e12 for k, v in med.items()},
-                                  "ratio": cub_s / ours_s}
-        print(f"[{b.elapsed():6.1f}s] lm_head in turns: ours/cuBLAS = {cub_s / ours_s:.4f}", flush=True)
-    del h, w, th, tw, ref
+                                  "ours": LM_OURS, "peer": peer, "ratio": med[peer] / med[LM_OURS]}
+        print(f"[{b.elapsed():6.1f}s] lm_head in turns: ours/cuBLAS = {med[peer] / med[LM_OURS]:.4f}", flush=True)
+    del h, w, wv, th, tw, twv, ref
 
 
 def op_linear(b: Bench, m: Model, phase: str):
@@ -963,11 +982,12 @@ def summarize(res: dict) -> None:
     cub = pick("lm_head", side="peer", cond=lambda e: e.get("cublas_reference"))
     turns = res.get("lm_head_turns")
     if turns and turns["ratio"] == turns["ratio"]:  # not NaN: every turn was timed
-        tf = list(turns["tflops"].values())
+        tf = turns["tflops"]
         summ["lm_head_vs_cublas"] = round(turns["ratio"], 4)
         apart = f" (timed apart: {ours['tflops'] / cub['tflops']:.3f})" if ours and cub else ""
-        notes["lm_head_vs_cublas"] = (f"kernels.lm_head(logits_dtype=float32) {tf[0]:.1f} vs torch bf16 matmul "
-                                      f"{tf[1]:.1f} TFLOP/s, medians of {turns['rounds']} turns in alternation{apart}")
+        notes["lm_head_vs_cublas"] = (f"{turns['ours']} {tf[turns['ours']]:.1f} vs {turns['peer']} "
+                                      f"{tf[turns['peer']]:.1f} TFLOP/s (the faster torch layout), medians of "
+                                      f"{turns['rounds']} turns in alternation{apart}")
     elif ours and cub:
         summ["lm_head_vs_cublas"] = round(ours["tflops"] / cub["tflops"], 4)
         notes["lm_head_vs_cublas"] = (f"{ours['impl']} {ours['tflops']:.1f} vs torch bf16 matmul "

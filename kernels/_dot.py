@@ -154,7 +154,8 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     """``x[..., K]`` contracted with axis ``w_contract`` of the 2-D ``w``; float32 result.
 
     ``w_contract=0``: ``w`` is ``[K, N]`` (a Linear weight stored ``[in, out]``).
-    ``w_contract=1``: ``w`` is ``[N, K]`` (a tied embedding table read in place).
+    ``w_contract=1``: ``w`` is ``[N, K]`` (``nn.Linear``'s layout, a tied embedding table), read
+    in place.
     ``f32_result=True``: the caller keeps the float32 sum as its result (f32 logits from
     bf16/f16 inputs), so bf16/f16 inputs are split too: their sum is then the answer, not
     something rounded to bf16 afterwards (measured: f32 logits from bf16 inputs needed
@@ -174,7 +175,7 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     if x.dtype == jnp.float16 and not f32_result and 1 < rows <= MAX_SPLIT_ROWS and w_contract == 0:
         return jax.lax.platform_dependent(x, w, cpu=_f16_rows, default=lambda x, w: _plain(x, w, dims))
     c = _chunk_count(k)
-    # (The tied form's partials are fused away: only the batched matmul materialises them.)
+    # (The [N, K] form's partials are fused away: only the batched matmul materialises them.)
     too_big = w_contract == 0 and rows * c * n > MAX_PARTIAL_ELEMS
     lowp = x.dtype != jnp.float32 and not f32_result
     if lowp or c == 1 or rows > MAX_SPLIT_ROWS or too_big:

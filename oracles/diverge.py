@@ -226,7 +226,7 @@ def _head_isolated(params, cfg, h, hf_final_norm, inject):
 
     fn = M._tap(None, "final_norm", rms_norm(h, params["norm"], eps=cfg.rms_norm_eps), inject, None)
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = M._tap(None, "logits", lm_head(hf_final_norm, w, tied=cfg.tie_word_embeddings), inject, None)
+    logits = M._tap(None, "logits", lm_head(hf_final_norm, w, w_layout="VD"), inject, None)  # w [V, D]
     return {"final_norm": fn, "logits": logits}
 
 
@@ -271,7 +271,7 @@ def projection_term_scales(hf: dict, params, cfg) -> dict[str, np.ndarray]:
             if name in hf and x is not None:
                 x = np.reshape(x, (*np.shape(hf[name])[:-1], -1))  # [..., in]: attention's heads flattened
                 out[name] = compare.term_scale(x, lp[comp])  # [..., out]
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
+    w = (params["embed"] if cfg.tie_word_embeddings else params["lm_head"]).T  # [D, V]: a view of the [V, D] head
     out["logits"] = compare.term_scale(hf["final_norm"], w)
     return out
 

@@ -10,13 +10,15 @@ projections (``transformers.models.qwen2.modeling_qwen2.Qwen2Attention`` / ``Qwe
     3. one rounding to x.dtype
 
 ``lm_head(h, w)``: ``Qwen2ForCausalLM.lm_head`` (an ``nn.Linear(D, V, bias=False)``),
-steps 1 and 3. With tied embeddings (``tie_word_embeddings``) the head's weight IS
-``model.embed_tokens.weight`` ``[V, D]``; the oracle takes it as it is (``tied=True``).
+steps 1 and 3. The head's weight is ``[V, D]`` in torch (with tied embeddings,
+``tie_word_embeddings``, it IS ``model.embed_tokens.weight``); ``w_layout="VD"`` takes it
+as it is, ``"DV"`` (the default) takes the kernels' ``[D, V]``.
 ``logits_dtype="float32"``: ``F.linear(h.float(), W.float())``: float32 products (exact
 for bf16/f16 values) and sums, no rounding.
 
 Weights are passed in the kernels' ``[in, out]`` layout and handed to torch as
-``w.t().contiguous()``, the ``[out, in]`` contiguous weight an ``nn.Linear`` holds.
+``w.t().contiguous()``, the ``[out, in]`` contiguous weight an ``nn.Linear`` holds (an
+lm_head weight given ``[V, D]``, ``w_layout="VD"``, is already that).
 
 ``exact=True``: the same maths in float64 with no intermediate rounding (the truth);
 returns float64. ``tests/test_projection.py`` proves these oracles equal, bit for bit,
@@ -38,9 +40,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, e
     return F.linear(x, w.t().contiguous(), b)  # steps 1-3: nn.Linear's [out, in] weight
 
 
-def lm_head(h: torch.Tensor, w: torch.Tensor, *, logits_dtype: str | None = None, tied: bool = False,
+def lm_head(h: torch.Tensor, w: torch.Tensor, *, logits_dtype: str | None = None, w_layout: str = "DV",
             exact: bool = False) -> torch.Tensor:
-    weight = w if tied else w.t().contiguous()  # [V, D]: the tied table is already nn.Linear's layout
+    if w_layout not in ("DV", "VD"):
+        raise ValueError(f"lm_head: w_layout must be 'DV' or 'VD', got {w_layout!r}")
+    weight = w if w_layout == "VD" else w.t().contiguous()  # [V, D]: nn.Linear's layout
     if exact:
         return F.linear(h.to(torch.float64), weight.to(torch.float64))  # the truth
     if logits_dtype == "float32":
@@ -52,11 +56,11 @@ def lm_head(h: torch.Tensor, w: torch.Tensor, *, logits_dtype: str | None = None
 
 # --- harness: how the registry, the tests and ``parity check`` drive this op ---------
 
-def drive(x, w, b=None, *, recipe: str = "linear", tied: bool = False):
+def drive(x, w, b=None, *, recipe: str = "linear", w_layout: str = "DV"):
     """The registry's kernel for ``projection``: one entry point over the JAX functions.
 
     ``recipe`` picks the function (``"linear"``: ``linear(x, w, b)``; ``"lm_head"`` /
-    ``"lm_head_f32"``: ``lm_head(x, w, logits_dtype=None / "float32", tied=tied)``).
+    ``"lm_head_f32"``: ``lm_head(x, w, logits_dtype=None / "float32", w_layout=w_layout)``).
     Mutants (``oracles/mutants/projection.py``) replace this whole function.
     """
     from kernels.projection import linear as k_linear
@@ -66,7 +70,7 @@ def drive(x, w, b=None, *, recipe: str = "linear", tied: bool = False):
         return k_linear(x, w, b)
     if b is not None:
         raise ValueError(f"projection: recipe {recipe!r} takes no bias")
-    return k_lm_head(x, w, logits_dtype="float32" if recipe == "lm_head_f32" else None, tied=tied)
+    return k_lm_head(x, w, logits_dtype="float32" if recipe == "lm_head_f32" else None, w_layout=w_layout)
 
 
 # (lead, I, O) for linear: real q/k/v/o shapes of Qwen2.5 (q/o: D -> N*H, k/v: D -> K*H).
@@ -92,15 +96,15 @@ def _cases():
         if rc == "linear":
             lead, i, o = draw(st.sampled_from(LINEAR_SHAPES))
             bias = draw(st.sampled_from([True, True, False]))
-            tied = False
+            w_layout = "DV"
             shapes = {"x": (*lead, i), "w": (i, o), **({"b": (o,)} if bias else {})}
         else:
             lead, i, o = draw(st.sampled_from(HEAD_SHAPES))
-            tied = draw(st.booleans())
-            shapes = {"x": (*lead, i), "w": (o, i) if tied else (i, o)}
+            w_layout = draw(st.sampled_from(["DV", "VD"]))
+            shapes = {"x": (*lead, i), "w": (o, i) if w_layout == "VD" else (i, o)}
         return Case(
             op="projection", dtype=dt, shapes=shapes,
-            kwargs={"recipe": rc, "tied": tied},
+            kwargs={"recipe": rc, "w_layout": w_layout},
             data={"x": xp, "w_std": draw(st.sampled_from(["init", "fan_in"])),
                   "b_scale": draw(st.sampled_from([0.1, 3.0, 50.0])),  # Qwen2's k bias reaches ~50
                   # float16: rows scaled so the truth's largest |y| is this fraction of 65504
@@ -117,9 +121,9 @@ def _inputs(case):
     from oracles import strategies as S
 
     rng = np.random.default_rng(case.data["x"]["seed"] + 1)
-    tied = case.kwargs["tied"]
+    vd = case.kwargs["w_layout"] == "VD"
     wshape = case.shapes["w"]
-    fan_in = wshape[1] if tied else wshape[0]
+    fan_in = wshape[1] if vd else wshape[0]
     std = 0.02 if case.data["w_std"] == "init" else 1.0 / np.sqrt(fan_in)
     w = rng.standard_normal(wshape, dtype=np.float32) * np.float32(std)
     b = None
@@ -129,7 +133,7 @@ def _inputs(case):
     if case.dtype == "float16":
         target = case.data["fp16_headroom"] * S.FP16_MAX
         x = np.clip(x, -S.FP16_MAX, S.FP16_MAX)
-        wt = w.astype(np.float64).T if tied else w.astype(np.float64)  # [I, O]
+        wt = w.astype(np.float64).T if vd else w.astype(np.float64)  # [I, O]
         with np.errstate(over="ignore", invalid="ignore"):
             top = np.abs(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) @ wt).max(-1, keepdims=True)  # [..., 1]
         with np.errstate(divide="ignore"):
@@ -141,13 +145,14 @@ def _inputs(case):
     return out
 
 
-def _oracle(inp, recipe, tied, *, exact=False):
+def _oracle(inp, recipe, w_layout, *, exact=False):
     from oracles.arrays import to_torch
 
     x, w = to_torch(inp["x"]), to_torch(inp["w"])
     if recipe == "linear":
         return linear(x, w, None if "b" not in inp else to_torch(inp["b"]), exact=exact)
-    return lm_head(x, w, logits_dtype="float32" if recipe == "lm_head_f32" else None, tied=tied, exact=exact)
+    return lm_head(x, w, logits_dtype="float32" if recipe == "lm_head_f32" else None, w_layout=w_layout,
+                   exact=exact)
 
 
 def _evaluate(case, kernel):
@@ -157,9 +162,9 @@ def _evaluate(case, kernel):
     inp = _inputs(case)
     kw = case.kwargs
     k = jitted(kernel, **kw)(inp["x"], inp["w"], inp.get("b"))
-    o = _oracle(inp, kw["recipe"], kw["tied"])
-    t = _oracle(inp, kw["recipe"], kw["tied"], exact=True)
-    w = inp["w"].T if kw["tied"] else inp["w"]  # [D, V] either way (a view)
+    o = _oracle(inp, kw["recipe"], kw["w_layout"])
+    t = _oracle(inp, kw["recipe"], kw["w_layout"], exact=True)
+    w = inp["w"].T if kw["w_layout"] == "VD" else inp["w"]  # [D, V] either way (a view)
     return Outcome(kernel=to_f64(k), oracle=to_f64(o), truth=to_f64(t), out_dtype=dtype_name(o.dtype),
                    inputs=inp, kernel_dtype=dtype_name(k.dtype), kernel_shape=tuple(k.shape),
                    term_scale=term_scale(inp["x"], w))

@@ -51,9 +51,10 @@ def test_linear_oracle_equals_torch_nn_linear_bit_for_bit(case):
     assert torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0)), case.reproducer()
 
 
+@pytest.mark.parametrize("w_layout", ["VD", "DV"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lm_head_and_embedding_oracles_equal_qwen2_model_bit_for_bit(dtype, tied):
+def test_lm_head_and_embedding_oracles_equal_qwen2_model_bit_for_bit(dtype, tied, w_layout):
     """A real Qwen2ForCausalLM's lm_head (and embed_tokens): the oracle reproduces its logits."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -69,8 +70,8 @@ def test_lm_head_and_embedding_oracles_equal_qwen2_model_bit_for_bit(dtype, tied
     with torch.no_grad():
         ref = model.lm_head(h)
         emb = model.model.embed_tokens(ids)
-    w = head if tied else head.t()  # [V, D] tied; else the kernels' [D, V]
-    got = o_lm_head(h, w.detach(), tied=tied)
+    w = head if w_layout == "VD" else head.t()  # [V, D] as torch holds it; or the kernels' [D, V]
+    got = o_lm_head(h, w.detach(), w_layout=w_layout)
     assert got.dtype == ref.dtype and torch.equal(got, ref)
     assert torch.equal(emb, torch.nn.functional.embedding(ids, table.detach()))
 
@@ -100,20 +101,21 @@ def test_linear_is_exactly_homogeneous_in_powers_of_two(dtype, data):
     np.testing.assert_array_equal(a[comparable], ref[comparable], err_msg=case.reproducer())
 
 
-def test_lm_head_tied_contracts_the_table_in_place():
-    """The tied head reads [V, D] as it is: no transpose in the traced program, and the
-    model-dtype logits equal the untied head on the transposed copy bit for bit. (Float32
+def test_lm_head_vd_contracts_the_weight_in_place():
+    """A [V, D] head (w_layout="VD": HF's layout, a tied table) is read as it is: no transpose
+    in the traced program, and the model-dtype logits equal the [D, V] head on the
+    transposed copy bit for bit. (Float32
     logits are summed in chunks on CPU, in a form per layout -- kernels/_dot.py -- so the
     two agree to float32 rounding only; each is held to the oracle by the budget test.)"""
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
     table = jnp.asarray(rng.standard_normal((1000, 64)) * 0.05, jnp.bfloat16)  # [V, D]
-    jaxpr = jax.make_jaxpr(lambda a, t: k_lm_head(a, t, tied=True))(h, table)
+    jaxpr = jax.make_jaxpr(lambda a, t: k_lm_head(a, t, w_layout="VD"))(h, table)
     prims = [e.primitive.name for e in _all_eqns(jaxpr.jaxpr)]  # the CPU and GPU branches alike
     assert "transpose" not in prims and "dot_general" in prims, prims
-    tied = jitted(kernel, recipe="lm_head", tied=True)(h, table)
-    untied = k_lm_head(h, table.T)
-    np.testing.assert_array_equal(np.asarray(tied.astype(jnp.float32)), np.asarray(untied.astype(jnp.float32)))
+    vd = jitted(kernel, recipe="lm_head", w_layout="VD")(h, table)
+    dv = k_lm_head(h, table.T)
+    np.testing.assert_array_equal(np.asarray(vd.astype(jnp.float32)), np.asarray(dv.astype(jnp.float32)))
 
 
 @pytest.mark.parametrize("k, n", [(64, 4864), (896, 2048), (1152, 256), (4864, 896), (18944, 64)])
@@ -163,7 +165,7 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
     rng = np.random.default_rng(2)
     h = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((64, 500)) * 0.1, jnp.bfloat16)
-    out = jitted(kernel, recipe="lm_head_f32", tied=False)(h, w)
+    out = jitted(kernel, recipe="lm_head_f32", w_layout="DV")(h, w)
     assert out.dtype == jnp.float32
     f32 = np.asarray(out)
     assert np.any(f32 != f32.astype(jnp.bfloat16).astype(np.float32)), "f32 logits that are all bf16 values"
@@ -178,8 +180,9 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), jnp.zeros((8,), jnp.float16)), r"b must have the dtype of x \(float32\), got float16"),
         (lambda: k_linear(jnp.zeros((2, 64), jnp.int32), jnp.zeros((64, 8))), r"x must have a floating dtype.*got int32"),
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), precision="tf32"), r"precision must be one of"),
-        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((100, 64))), r"w must have shape \[D, V\] with D = 64.*got \(100, 64\)"),
-        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), tied=True), r"w must have shape \[V, D\] \(tied embedding table\) with D = 64.*got \(64, 100\)"),
+        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((100, 64))), r"w must have shape \[D, V\] \(w_layout='DV'\) with D = 64.*got \(100, 64\)"),
+        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="VD"), r"w must have shape \[V, D\] \(w_layout='VD'\) with D = 64.*got \(64, 100\)"),
+        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="vd"), r"w_layout must be one of \['DV', 'VD'\], got 'vd'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), logits_dtype="bfloat16"), r"logits_dtype must be one of \[None, 'float32'\], got 'bfloat16'"),
     ],
 )

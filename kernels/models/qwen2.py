@@ -17,7 +17,8 @@ Numerics follow transformers' eager forward in the model dtype, component by com
       h = h + linear(m, Wd)
     logits = lm_head(rms_norm(h, w_final), W_head or the tied embedding table)
 
-Parameters are a dict pytree of arrays stored ``[in, out]`` (see ``params_from_hf``).
+Parameters are a dict pytree of arrays stored ``[in, out]`` (see ``params_from_hf``),
+except the embedding table and the untied head, both ``[V, D]`` as HF stores them.
 Options that change the computation's structure live in the hashable ``Config``.
 """
 
@@ -185,7 +186,9 @@ def params_from_hf(state_dict: dict, cfg: Config, dtype=jnp.bfloat16) -> dict:
         layers.append(layer)
     params = {"embed": a("model.embed_tokens.weight"), "norm": a("model.norm.weight"), "layers": layers}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = a("lm_head.weight", True)  # [D, V]
+        # [V, D], HF's layout kept: lm_head(w_layout="VD") contracts it in place, and that GEMM
+        # is the faster one on an H100 (kernels.projection.lm_head).
+        params["lm_head"] = a("lm_head.weight")
     return params
 
 
@@ -319,10 +322,8 @@ def decoder_layer(lp: dict, h: jax.Array, cos, sin, *, cfg: Config, layer: int, 
 
 def _head(params, cfg: Config, h, *, logits_dtype, taps, inject):
     h = _tap(taps, "final_norm", rms_norm(h, params["norm"], eps=cfg.rms_norm_eps), inject, None)
-    if cfg.tie_word_embeddings:
-        logits = lm_head(h, params["embed"], tied=True, logits_dtype=logits_dtype)  # reads [V, D] in place
-    else:
-        logits = lm_head(h, params["lm_head"], logits_dtype=logits_dtype)
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]  # [V, D] either way
+    logits = lm_head(h, w, w_layout="VD", logits_dtype=logits_dtype)  # reads [V, D] in place
     return _tap(taps, "logits", logits, inject, None)
 
 

@@ -8,41 +8,41 @@ from oracles.mutants._lowprec import matmul_accumulating_in
 from oracles.projection import drive as _real
 
 
-def _weight(w, tied):
-    return w.T if tied else w  # [D, V]
+def _weight(w, w_layout):
+    return w.T if w_layout == "VD" else w  # [D, V]
 
 
-def low_precision_accumulation(x, w, b=None, *, recipe="linear", tied=False):
+def low_precision_accumulation(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """The matmul accumulates in the model dtype (bf16 accumulation)."""
-    acc = matmul_accumulating_in(x, _weight(w, tied), x.dtype).astype(jnp.float32)  # [..., O]
+    acc = matmul_accumulating_in(x, _weight(w, w_layout), x.dtype).astype(jnp.float32)  # [..., O]
     if b is not None:
         acc = acc + b.astype(jnp.float32)
     return acc if recipe == "lm_head_f32" else acc.astype(x.dtype)
 
 
-def f32_logits_in_model_dtype(x, w, b=None, *, recipe="linear", tied=False):
+def f32_logits_in_model_dtype(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """logits_dtype="float32" asked for, model-dtype logits returned."""
-    return _real(x, w, b, recipe="lm_head" if recipe == "lm_head_f32" else recipe, tied=tied)
+    return _real(x, w, b, recipe="lm_head" if recipe == "lm_head_f32" else recipe, w_layout=w_layout)
 
 
-def f32_logits_from_rounded(x, w, b=None, *, recipe="linear", tied=False):
+def f32_logits_from_rounded(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """f32 logits made by upcasting the bf16-rounded logits (the f32 is only a container)."""
-    out = _real(x, w, b, recipe="lm_head" if recipe == "lm_head_f32" else recipe, tied=tied)
+    out = _real(x, w, b, recipe="lm_head" if recipe == "lm_head_f32" else recipe, w_layout=w_layout)
     return out.astype(jnp.float32) if recipe == "lm_head_f32" else out
 
 
-def bias_dropped(x, w, b=None, *, recipe="linear", tied=False):
+def bias_dropped(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """q/k/v bias ignored (Qwen2 has biases on q, k and v; Llama has none)."""
-    return _real(x, w, None, recipe=recipe, tied=tied)
+    return _real(x, w, None, recipe=recipe, w_layout=w_layout)
 
 
-def bias_after_rounding(x, w, b=None, *, recipe="linear", tied=False):
+def bias_after_rounding(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """Round the matmul to the model dtype, then add the bias in the model dtype (two roundings)."""
-    out = _real(x, w, None, recipe=recipe, tied=tied)
+    out = _real(x, w, None, recipe=recipe, w_layout=w_layout)
     return out if b is None else (out.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
 
 
-def tf32_inputs(x, w, b=None, *, recipe="linear", tied=False):
+def tf32_inputs(x, w, b=None, *, recipe="linear", w_layout="DV"):
     """float32 operands rounded to TF32's 10-bit mantissa (XLA's default precision on GPUs)."""
     def tf32(a):
         if a.dtype != jnp.float32:
@@ -51,14 +51,14 @@ def tf32_inputs(x, w, b=None, *, recipe="linear", tied=False):
         bits = (bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)  # round to 10 mantissa bits
         return bits.view(jnp.float32)
 
-    return _real(tf32(x), tf32(w), b, recipe=recipe, tied=tied)
+    return _real(tf32(x), tf32(w), b, recipe=recipe, w_layout=w_layout)
 
 
-def tied_reshaped_not_transposed(x, w, b=None, *, recipe="linear", tied=False):
-    """A tied head that reshapes the [V, D] table to [D, V] instead of contracting its D axis."""
-    if not tied:
-        return _real(x, w, b, recipe=recipe, tied=tied)
-    return _real(x, w.reshape(w.shape[1], w.shape[0]), b, recipe=recipe, tied=False)  # [D, V] (wrong)
+def vd_reshaped_not_transposed(x, w, b=None, *, recipe="linear", w_layout="DV"):
+    """A [V, D] head (HF's layout, a tied table) reshaped to [D, V] instead of contracted over its D axis."""
+    if w_layout != "VD":
+        return _real(x, w, b, recipe=recipe, w_layout=w_layout)
+    return _real(x, w.reshape(w.shape[1], w.shape[0]), b, recipe=recipe, w_layout="DV")  # [D, V] (wrong)
 
 
 MUTANTS = {
@@ -68,5 +68,5 @@ MUTANTS = {
     "bias_dropped": bias_dropped,
     "bias_after_rounding": bias_after_rounding,
     "tf32_inputs": tf32_inputs,
-    "tied_reshaped_not_transposed": tied_reshaped_not_transposed,
+    "vd_reshaped_not_transposed": vd_reshaped_not_transposed,
 }
