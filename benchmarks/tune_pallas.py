@@ -1,25 +1,31 @@
-"""Pallas attention block sizes against torch SDPA (flash), side by side in one run.
+"""Pallas attention block sizes and launch order against torch SDPA (flash), in one run.
 
-    python3 benchmarks/tune_pallas.py --out results/pallas_tune_h100.json
+    python3 benchmarks/tune_pallas.py --out $OUT/pallas_tune_h100.json
 
-Causal GQA prefill, Qwen2.5-7B heads (N28 K4 H128), T = S = 4096, bf16, recipe "hf":
-each config is timed pipelined (``--reps`` calls enqueued back to back, one block at
-the end; the median of ``--trials`` such groups), SDPA with CUDA events the same way.
+Causal GQA prefill, Qwen2.5-7B heads (N28 K4 H128), T = S = 4096, bf16: each config
+(block_q, block_k, num_warps, num_stages, q_order; recipe "hf" unless named) is timed
+on the device's clock (benchmarks/devtime.py: CUPTI spans of ``--calls`` calls, the
+median), SDPA flash the same way, in the same process.
+
+Session 7 (results/pallas_tune_session7_h100.json) added ``q_order``, the order in
+which the query blocks are launched (the grid's query-block axis is CUDA's slowest).
+Session 3's sweep (results/pallas_tune_h100.json) timed the in-order kernel pipelined
+on the host's clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--orders", default="in_order,heavy_first,zigzag", help="q_order values to time")
     args = ap.parse_args(argv)
 
     import jax
@@ -36,37 +42,23 @@ def main(argv=None):
     k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.bfloat16)
 
-    def time_jax(fn):
-        fn(q, k, v).block_until_ready()  # compile and warm up
-        ts = []
-        for _ in range(args.trials):
-            t0 = time.perf_counter()
-            outs = [fn(q, k, v) for _ in range(args.reps)]
-            outs[-1].block_until_ready()
-            ts.append((time.perf_counter() - t0) / args.reps)
-        return statistics.median(ts)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from devtime import device_span
 
-    tq = torch.from_numpy(np.asarray(q.astype(jnp.float32))).cuda().bfloat16().transpose(1, 2)  # [B, N, T, H]
-    tk = torch.from_numpy(np.asarray(k.astype(jnp.float32))).cuda().bfloat16().transpose(1, 2)  # [B, K, S, H]
-    tv = torch.from_numpy(np.asarray(v.astype(jnp.float32))).cuda().bfloat16().transpose(1, 2)
+    tq, tk, tv = (torch.from_dlpack(a).transpose(1, 2) for a in (q, k, v))  # [B, heads, T, H] views
+
+    def span(call, sync):
+        d = device_span(torch, call, sync, 1, calls=args.calls)
+        if "span_s" not in d:
+            raise RuntimeError(d.get("error"))
+        return d["span_s"]
 
     def time_sdpa():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            f = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)  # noqa: E731
-            f()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(args.trials):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(args.reps):
-                    f()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3 / args.reps)
-            return statistics.median(ts)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.inference_mode():
+            return span(lambda i: torch.nn.functional.scaled_dot_product_attention(
+                tq, tk, tv, is_causal=True, enable_gqa=True), lambda _: torch.cuda.synchronize())
 
     res = {"shape": f"q[{B},{T},{N},{H}] k,v[{B},{T},{K},{H}] bf16 causal", "device": str(jax.devices()[0]),
            "configs": []}
@@ -74,21 +66,25 @@ def main(argv=None):
     res["sdpa_flash_s"] = sdpa
     res["sdpa_flash_tflops"] = flops / sdpa / 1e12
     print(f"sdpa flash: {sdpa * 1e3:.3f} ms  {flops / sdpa / 1e12:.1f} TFLOP/s", flush=True)
-    configs = [(64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3),
-               (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 4), (32, 64, 4, 3)]
-    for bq, bk, w, st in configs:
-        entry = {"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": st}
+    # (block_q, block_k, num_warps, num_stages, q_order, recipe)
+    blocks = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 2)]
+    configs = [(*bl, o, "hf") for bl in blocks for o in args.orders.split(",")]
+    configs += [(*bl, o, "fp32_logits") for bl in blocks[:2] for o in args.orders.split(",")]
+    for bq, bk, w, st, order, rc in configs:
+        entry = {"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": st, "q_order": order, "recipe": rc}
         try:
-            fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=w, st=st: pallas_attention(
-                q, k, v, recipe="hf", block_q=bq, block_k=bk, num_warps=w, num_stages=st))
-            t = time_jax(fn)
+            fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=w, st=st, order=order, rc=rc: pallas_attention(
+                q, k, v, recipe=rc, block_q=bq, block_k=bk, num_warps=w, num_stages=st, q_order=order,
+                decode=False))
+            t = span(lambda i: fn(q, k, v), jax.block_until_ready)
             entry.update(seconds=t, tflops=flops / t / 1e12, vs_sdpa=sdpa / t)
-            print(f"{entry}", flush=True)
         except Exception as e:  # a config Triton cannot compile (shared memory): recorded, not fatal
             entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            print(entry, flush=True)
+        print(entry, flush=True)
         res["configs"].append(entry)
-    ok = [c for c in res["configs"] if "seconds" in c]
+    res["sdpa_flash_s_end"] = time_sdpa()  # drift over the run (clocks, power)
+    print(f"sdpa flash at the end: {res['sdpa_flash_s_end'] * 1e3:.3f} ms", flush=True)
+    ok = [c for c in res["configs"] if "seconds" in c and c["recipe"] == "hf"]
     res["best"] = min(ok, key=lambda c: c["seconds"]) if ok else None
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

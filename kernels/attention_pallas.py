@@ -94,7 +94,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._checks import next_pow2, require_pow2
+from kernels._checks import next_pow2, require_choice, require_pow2
 from kernels._round import round_to, round_to_in_kernel
 from kernels.attention import _check, tanh_f32
 
@@ -157,9 +157,25 @@ def _key_mask(vis, qpos, kpos, qseg, kseg, *, causal, sliding_window):
     return vis
 
 
+Q_ORDERS = ("in_order", "heavy_first", "zigzag")
+
+
+def _q_block(pid, num_qblocks, *, q_order):
+    """The query block that launch index ``pid`` (grid axis 2, CUDA's slowest) computes.
+
+    ``"in_order"``: block ``pid``; ``"heavy_first"``: the last block (the most keys under
+    causality) first; ``"zigzag"``: first, last, second, second to last, ...
+    """
+    if q_order == "heavy_first":
+        return num_qblocks - 1 - pid
+    if q_order == "zigzag":
+        return jnp.where(pid % 2 == 0, pid // 2, num_qblocks - 1 - pid // 2)
+    return pid
+
+
 def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_ref, o_ref, *,
             scale, softcap, recipe, causal, sliding_window, has_segments, skip_blocks, plain_interior,
-            block_q, block_k, num_kblocks, q_offset, t_len, exact):
+            block_q, block_k, num_kblocks, num_qblocks, q_order, q_offset, t_len, exact):
     """One (batch, query head, query block) program: two passes over the key blocks.
 
     ``plain_interior`` (causal, default positions, no other mask): key blocks wholly
@@ -168,7 +184,7 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
     softmax and the products are the same code for every tile (only the mask is in the
     cond): a compiler cannot round them differently in the two kinds of tile.
     """
-    i = pl.program_id(2)
+    i = _q_block(pl.program_id(2), num_qblocks, q_order=q_order)  # the same map as the BlockSpecs'
     dt = q_ref.dtype
     q = q_ref[...]  # [bq, Hp] dt
     qpos = qpos_ref[...]  # [bq] int32
@@ -255,10 +271,10 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "causal", "sliding_window", "softcap", "recipe", "block_q", "block_k", "num_warps",
-    "num_stages", "interpret", "default_positions", "has_segments", "all_valid"))
+    "num_stages", "q_order", "interpret", "default_positions", "has_segments", "all_valid"))
 def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, causal, sliding_window,
-                      softcap, recipe, block_q, block_k, num_warps, num_stages, interpret, default_positions,
-                      has_segments, all_valid):
+                      softcap, recipe, block_q, block_k, num_warps, num_stages, q_order, interpret,
+                      default_positions, has_segments, all_valid):
     """The padded pallas_call; arguments already checked and completed by :func:`pallas_attention`."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -288,11 +304,13 @@ def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale,
         _kernel, scale=scale, softcap=softcap, recipe=recipe, causal=causal, sliding_window=sliding_window,
         has_segments=has_segments, skip_blocks=causal and default_positions,
         plain_interior=causal and default_positions and all_valid and not has_segments and sliding_window is None,
-        block_q=bq, block_k=bk, num_kblocks=sp // bk, q_offset=s - t, t_len=t, exact=interpret)
+        block_q=bq, block_k=bk, num_kblocks=sp // bk, num_qblocks=tp // bq, q_order=q_order,
+        q_offset=s - t, t_len=t, exact=interpret)
     sq = pl.squeezed
-    q_spec = pl.BlockSpec((sq, bq, sq, hp), lambda bi, ni, i: (bi, i, ni, 0))
+    qb = functools.partial(_q_block, num_qblocks=tp // bq, q_order=q_order)  # launch index -> query block
+    q_spec = pl.BlockSpec((sq, bq, sq, hp), lambda bi, ni, i: (bi, qb(i), ni, 0))
     kv_spec = pl.BlockSpec((sq, sp, sq, hp), lambda bi, ni, i: (bi, 0, ni // g, 0))  # GQA: kv head n // G
-    qvec_spec = pl.BlockSpec((sq, bq), lambda bi, ni, i: (bi, i))
+    qvec_spec = pl.BlockSpec((sq, bq), lambda bi, ni, i: (bi, qb(i)))
     kvec_spec = pl.BlockSpec((sq, sp), lambda bi, ni, i: (bi, 0))
     out = pl.pallas_call(
         kernel,
@@ -537,9 +555,10 @@ def pallas_attention(
     softcap: float | None = None,
     recipe: str = "hf",
     block_q: int = 64,
-    block_k: int | None = None,
+    block_k: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    q_order: str = "heavy_first",
     decode: bool | None = None,
     num_splits: int | None = None,
     interpret: bool = False,
@@ -552,15 +571,22 @@ def pallas_attention(
         softcap, recipe: as :func:`kernels.attention.gqa_attention` (same defaults, same masks).
       block_q, block_k: queries / keys per tile, powers of two >= 16 (clamped down to the
         padded T / S). num_warps, num_stages: Triton's launch and pipelining parameters.
-        The defaults (64, 32, 4, 3) were the fastest of 11 shapes for a causal N28 K4 H128
-        prefill of 4096 bf16 tokens on an H100 (benchmarks/results/pallas_tune_h100.json).
+        The defaults (64, 64, 4, 3, with ``q_order="heavy_first"``) were the fastest of
+        15 for a causal N28 K4 H128 prefill of 4096 bf16 tokens on an H100, on the
+        device's clock (benchmarks/results/pallas_tune_session7_h100.json): "hf" 859 us,
+        "fp32_logits" 699 us, against 898 and 793 us for session 3's (64, 32, 4, 3) in order.
+      q_order: the order in which the query-tiled kernel launches its query blocks,
+        one of ``Q_ORDERS`` (launch order only: the numbers are the same). Measured, not
+        modelled: with 64-key blocks "heavy_first" (the longest causal programs first)
+        beat "in_order" by 7% in both recipes; with 32-key blocks it lost by 10-17%
+        (same file).
       decode: the split-key kernel (True), for few query rows: the ``G * T`` rows that
         read one kv head (at most 128) share each program, each kv head's keys are split
         over ``num_splits`` programs (a power of two; fewer when S is short; None: the
         largest power of two <= 256 / K, about 256 programs a batch row), each pass
         writes per-split results (scores and row max/sum, then f32 partial ``p @ v``)
         and the splits are added in f32 at the end. False: the query-tiled kernel.
-        None: the split-key kernel when it applies. ``block_k`` defaults to 64 there.
+        None: the split-key kernel when it applies.
       interpret: run the kernel through Pallas' interpreter (any backend, CPU included).
 
     Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s).
@@ -580,12 +606,11 @@ def pallas_attention(
     elif decode and not fits:
         raise ValueError(f"{_OP}: decode=True needs G*T <= {_DECODE_MAX_ROWS} query rows a kv head, got "
                          f"G*T = {g}*{t} = {g * t} (q {tuple(q.shape)}, k {tuple(k.shape)}); use decode=False")
-    if block_k is None:
-        block_k = 64 if decode else 32
     _require_pow2_block("block_q", block_q)
     _require_pow2_block("block_k", block_k)
     _require_positive_int("num_warps", num_warps)
     _require_positive_int("num_stages", num_stages)
+    require_choice("q_order", q_order, Q_ORDERS, op=_OP)
     if num_splits is not None:
         require_pow2("num_splits", num_splits, op=_OP)
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
@@ -611,7 +636,7 @@ def pallas_attention(
         q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]: queries are the last T keys
     # Only the blocking differs between the two kernels; masks and recipe are passed alike.
     kernel, blocks = ((_pallas_decode, dict(num_splits=num_splits)) if decode
-                      else (_pallas_attention, dict(block_q=block_q)))
+                      else (_pallas_attention, dict(block_q=block_q, q_order=q_order)))
     return kernel(
         q, k, v,
         q_positions, kv_positions, jnp.asarray(kv_valid),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention import _visible, gqa_attention
-from kernels.attention_pallas import pallas_attention
+from kernels.attention_pallas import Q_ORDERS, pallas_attention
 from oracles import budgets, registry
 from oracles.compare import ulp_distance
 
@@ -187,10 +187,10 @@ def test_split_count_changes_only_the_sum_order():
 
 
 def test_default_blocks_agree():
-    """The default 64x32 blocks (clamped to the padded T and S: 1 x 2 tiles here) agree too,
-    and so do the split-key kernel's defaults (block_k 64, 128 splits for K = 2: here 1
-    split of 64)."""
-    q, k, v = _arrays(7, 1, 21, 50, 4, 2, 64, "bfloat16")
+    """The default 64x64 blocks, launched heavy first (clamped to the padded T and S: 1 x 2
+    tiles here), agree too, and so do the split-key kernel's defaults (block_k 64, 128
+    splits for K = 2: here 2 splits of 64, the last one partly padding)."""
+    q, k, v = _arrays(7, 1, 21, 100, 4, 2, 64, "bfloat16")
     _require_equal(pallas_attention(q, k, v, decode=False, interpret=True), reference(q, k, v),
                    _term_sum(q, k, v, {}), "bfloat16", "default blocks")
     qd = q[:, -1:]  # [1, 1, 4, 64]: one decode step, G * T = 2 rows, the kernel chosen by default
@@ -209,6 +209,22 @@ def test_block_skipping_changes_no_bit(kwargs):
     skipped = pallas_attention(q, k, v, **kwargs, **BLOCKS, decode=False, interpret=True)
     visited = pallas_attention(q, k, v, **kwargs, **explicit, **BLOCKS, decode=False, interpret=True)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(visited))
+
+
+@pytest.mark.parametrize("case", ["causal", "segments", "sliding_window"])
+def test_launch_order_changes_no_bit(case):
+    """``q_order`` only reorders the programs: every order gives the bits of the grid's own,
+    with 3 query blocks of 16 rows, the last one padded."""
+    b, t, s, n, kh, h, make_kwargs = CASES[case]
+    q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, "bfloat16")
+    kw = dict(make_kwargs(b, t, s), **BLOCKS, decode=False, interpret=True)
+    assert -(-t // BLOCKS["block_q"]) >= 3
+    outs = {o: pallas_attention(q, k, v, **kw, q_order=o) for o in Q_ORDERS}
+    for o in Q_ORDERS:
+        np.testing.assert_array_equal(np.asarray(outs[o].astype(jnp.float32)),
+                                      np.asarray(outs["in_order"].astype(jnp.float32)), err_msg=o)
+    _require_equal(outs["zigzag"], reference(q, k, v, **make_kwargs(b, t, s)), _term_sum(q, k, v, make_kwargs(b, t, s)),
+                   "bfloat16", f"{case} zigzag")
 
 
 KERNELS = pytest.mark.parametrize("kernel", list(KERNEL_OPTS.values()), ids=list(KERNEL_OPTS))
