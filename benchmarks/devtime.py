@@ -55,3 +55,21 @@ def device_span(torch, call, sync, group: int = 1, calls: int = 5) -> dict:
         by_name[e.name[:60]] += (e.time_range.end - e.time_range.start) * 1e-6 / group
     return {"span_s": statistics.median(spans), "spans_s": spans, "busy_s": statistics.median(busy),
             "kernels_per_app": len(groups[-1]) / group, "top_kernels_s": dict(by_name.most_common(4))}
+
+
+def in_turns(torch, sides: dict, *, rounds: int, calls: int = 5) -> tuple[dict, dict]:
+    """Device spans of several sides timed in turns: each round runs every side once
+    (``calls`` calls under the trace, :func:`device_span`), so that a drift over the run
+    (clocks, the power limit) lands on every side alike.
+
+    ``sides``: name -> ``(call, sync)``. Returns ``(spans, kernels)``: name -> the span of
+    each round (NaN where a turn's trace failed), and name -> its largest kernels' names.
+    """
+    spans: dict = {k: [] for k in sides}
+    kernels: dict = {}
+    for _ in range(rounds):
+        for k, (call, sync) in sides.items():
+            d = device_span(torch, call, sync, 1, calls=calls)
+            spans[k].append(d.get("span_s", float("nan")))
+            kernels[k] = list(d.get("top_kernels_s") or {})[:2]
+    return spans, kernels

@@ -884,11 +884,9 @@ def op_lm_head(b: Bench, m: Model, phase: str):
                                                                            b.jax.block_until_ready),
                      "torch.matmul bf16 (cuBLAS), w[D,V]": (lambda i: torch.matmul(th, tw), tsync),
                      "F.linear bf16 (cuBLAS), w[V,D] (HF's nn.Linear)": (lambda i: F.linear(th, twv), tsync)}
-            spans = {k: [] for k in sides}
-            for _ in range(b.args.lm_head_turns):
-                for k, (call, sync) in sides.items():
-                    d = b.device_span(call, sync, 1)
-                    spans[k].append(d["span_s"] if d and "span_s" in d else float("nan"))
+            from devtime import in_turns
+
+            spans, _ = in_turns(torch, sides, rounds=b.args.lm_head_turns, calls=b.args.device_calls)
         med = {k: statistics.median(v) for k, v in spans.items()}
         peer = min((k for k in med if not k.startswith("kernels.")), key=lambda k: med[k])
         b.res["lm_head_turns"] = {"rounds": b.args.lm_head_turns, "calls_a_turn": b.args.device_calls,

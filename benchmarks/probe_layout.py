@@ -6,7 +6,7 @@
 XLA picks each GEMM itself (autotuning cuBLAS's candidates and its own Triton tilings),
 so what a kernel can choose is the weight's layout and the compiler's options. At the
 Qwen2.5-7B prefill shapes (4096 rows, bf16), this probe times in turns (each round: every
-side once, ``--calls`` calls under the CUPTI trace, devtime.device_span; the result is
+side once, ``--calls`` calls under the CUPTI trace, devtime.in_turns; the result is
 each side's median span):
 
 lm_head, float32 logits (gpu.py's ``lm_head_vs_cublas``), h[4096, 3584], V = 152064:
@@ -63,7 +63,7 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import kernels
-    from devtime import device_span
+    from devtime import in_turns
     from kernels._dot import dot_f32
 
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "torch": torch.__version__,
@@ -93,15 +93,9 @@ def main(argv=None):
             print(f"  {name}: {rec[name]}", flush=True)
         return rec, sides
 
-    def in_turns(sides, flops, peer):
-        spans = {k: [] for k in sides}
-        kern = {}
+    def timed(sides, flops, peer):
         with torch.inference_mode():
-            for _ in range(args.rounds):
-                for k, (call, sync) in sides.items():
-                    d = device_span(torch, call, sync, 1, calls=args.calls)
-                    spans[k].append(d.get("span_s", float("nan")))
-                    kern[k] = list(d.get("top_kernels_s") or {})[:2]
+            spans, kern = in_turns(torch, sides, rounds=args.rounds, calls=args.calls)
         p = statistics.median(spans[peer])
         out = {k: {"median_s": statistics.median(v), "spans_s": v, "tflops": flops / statistics.median(v) / 1e12,
                    "vs_" + peer: p / statistics.median(v), "kernels": kern[k]} for k, v in spans.items()}
@@ -129,7 +123,7 @@ def main(argv=None):
         th, tw, twt = (torch.from_dlpack(a) for a in (h, w, wt))
         sides["torch bf16 D,V (torch.matmul)"] = (lambda i: torch.matmul(th, tw), tsync)
         sides["torch bf16 V,D (F.linear)"] = (lambda i: F.linear(th, twt), tsync)
-        res["lm_head"]["sides"] = in_turns(sides, 2 * T * D * V, "torch bf16 D,V (torch.matmul)")
+        res["lm_head"]["sides"] = timed(sides, 2 * T * D * V, "torch bf16 D,V (torch.matmul)")
         del th, tw, twt
     del h, w, wt, sides
 
@@ -149,7 +143,7 @@ def main(argv=None):
         if not args.smoke:
             tx, twt = torch.from_dlpack(x), torch.from_dlpack(wt)
             sides["torch F.linear out,in"] = (lambda i, tx=tx, twt=twt: F.linear(tx, twt), tsync)
-            res["projections"][name]["sides"] = in_turns(sides, 2 * T * i * o, "torch F.linear out,in")
+            res["projections"][name]["sides"] = timed(sides, 2 * T * i * o, "torch F.linear out,in")
             del tx, twt
         del x, w, wt, sides
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,37 @@ def _key_mask(vis, qpos, kpos, qseg, kseg, *, causal, sliding_window):
     return vis
 
 
+def _online_stats(m, l, s):
+    """One tile's step of the row max ``m`` and the row sum ``l`` of ``exp(s - m)`` (f32,
+    ``[rows]``), from the tile's scores ``s[rows, bk]`` (masked keys -inf)."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [rows]
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: avoid -inf - -inf
+    alpha = jnp.exp(m - m_use)  # [rows]: 1 exactly when the max did not move, 0 from -inf
+    return m_new, l * alpha + jnp.sum(jnp.exp(s - m_use[:, None]), axis=1)
+
+
+def _finish_stats(m, l):
+    """The final row max and ``1 / l`` (``[rows]`` f32); a row with no visible key gets
+    ``m = 0`` (its every ``e`` is exp(-inf) = 0) and ``1 / 1``."""
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    return m, 1.0 / jnp.where(l == 0.0, 1.0, l)  # reciprocal then multiply, as kernels.softmax
+
+
+def _probabilities(s, m, inv_l, dt, *, exact):
+    """Recipe step 4's ``p = dt(exp(s - m) * (1 / l))``, ``[rows, bk]`` in dt; masked keys: 0."""
+    p = jnp.exp(s - m[:, None]) * inv_l[:, None]  # [rows, bk] f32
+    if exact:  # interpret mode: on dt's grid first, so that XLA cannot skip the rounding below
+        p = round_to(p, dt)
+    return p.astype(dt)  # rounded to dt for the PV matmul (HF's .to(query.dtype))
+
+
+def _zero_unused(v, vis):
+    """``v[bk, Hp]`` with the keys that no row of ``vis[rows, bk]`` sees set to 0, so that
+    ``p = 0`` never meets NaN/inf there (0 * NaN)."""
+    used = jnp.max(jnp.where(vis, 1, 0), axis=0) > 0  # [bk]
+    return jnp.where(used[:, None], v, jnp.zeros((), v.dtype))  # [bk, Hp]
+
+
 Q_ORDERS = ("in_order", "heavy_first", "zigzag")
 
 
@@ -229,38 +260,19 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
         return jnp.where(vis, s, -jnp.inf), vis
 
     # Pass 1: row max m and row sum l of exp(s - m), online, in f32.
-    def pass1(j, carry):
-        m, l = carry
-        s, _ = tile(j)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [bq]
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: avoid -inf - -inf
-        alpha = jnp.exp(m - m_use)  # [bq]: 1 exactly when the max did not move, 0 from -inf
-        l = l * alpha + jnp.sum(jnp.exp(s - m_use[:, None]), axis=1)  # [bq]
-        return m_new, l
-
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((block_q,), jnp.float32)
-    m, l = lax.fori_loop(lo, hi, pass1, (m0, l0))
-    m = jnp.where(m == -jnp.inf, 0.0, m)  # a row with no visible key: every e is exp(-inf) = 0
-    inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)  # reciprocal then multiply, as kernels.softmax
+    m, l = lax.fori_loop(lo, hi, lambda j, ml: _online_stats(*ml, tile(j)[0]), (m0, l0))
+    m, inv_l = _finish_stats(m, l)
 
     # Pass 2: the same scores, p = dt(exp(s - m) * (1 / l)), acc += p @ v in f32.
     def pass2(j, acc):
         s, vis = tile(j)
-        p = jnp.exp(s - m[:, None]) * inv_l[:, None]  # [bq, bk] f32
-        if exact:  # interpret mode: on dt's grid first, so that XLA cannot skip the rounding below
-            p = round_to(p, dt)
-        # Probabilities rounded to dt for the PV matmul (HF's .to(query.dtype)).
-        p = p.astype(dt)  # [bq, bk]
+        p = _probabilities(s, m, inv_l, dt, exact=exact)  # [bq, bk] dt
         start = pl.multiple_of(j * block_k, block_k)
         v = v_ref[pl.ds(start, block_k), :]  # [bk, Hp] dt
-        # Keys no row of this tile sees: zero v so that p = 0 never meets NaN/inf (0 * NaN).
         # (Every key of an interior tile is seen by the block's first row, a real one.)
-        def zero_unused():
-            used = jnp.max(jnp.where(vis, 1, 0), axis=0) > 0  # [bk]
-            return jnp.where(used[:, None], v, jnp.zeros((), dt))  # [bk, Hp]
-
-        v = lax.cond(j < mid, lambda: v, zero_unused) if plain_interior else zero_unused()
+        v = lax.cond(j < mid, lambda: v, lambda: _zero_unused(v, vis)) if plain_interior else _zero_unused(v, vis)
         return acc + jnp.dot(p, v, precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)  # [bq, Hp] f32 accumulation
 
@@ -405,10 +417,7 @@ def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinf
         vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
         s = jnp.where(vis, s, -jnp.inf)  # a select: NaN/inf of masked keys cannot leak
         s_ref[:, pl.ds(local, block_k)] = s.astype(s_ref.dtype)  # exact: "hf" scores are on dt's grid
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [Rp]
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: avoid -inf - -inf
-        l = l * jnp.exp(m - m_use) + jnp.sum(jnp.exp(s - m_use[:, None]), axis=1)  # [Rp]
-        return m_new, l
+        return _online_stats(m, l, s)  # [Rp] each
 
     m, l = lax.fori_loop(0, steps, step, (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32)))
     m_ref[...] = m
@@ -428,23 +437,17 @@ def _decode_pv_kernel(*refs, mask_set, steps, rowinfo, vis_opts, all_used, exact
     m = jnp.max(mj, axis=0)  # [Rp]: exactly the row max (max is order-free)
     m = jnp.where(m == -jnp.inf, 0.0, m)  # a row with no visible key: every e is exp(-inf) = 0
     l = jnp.sum(l_ref[...] * jnp.exp(mj - m[None, :]), axis=0)  # [Rp]; an empty split: 0 * exp(-inf) = 0
-    inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)  # reciprocal then multiply, as kernels.softmax
+    m, inv_l = _finish_stats(m, l)
     real, qpos, qseg = _decode_rows(masks, **rowinfo)
 
     def step(i, acc):
         local = pl.multiple_of(i * block_k, block_k)
         s = s_ref[:, pl.ds(local, block_k)].astype(jnp.float32)  # [Rp, bk]: exact (dt or f32 values)
-        p = jnp.exp(s - m[:, None]) * inv_l[:, None]  # [Rp, bk] f32; masked keys: exp(-inf) = 0
-        if exact:  # interpret mode: on dt's grid first, so that XLA cannot skip the rounding below
-            p = round_to(p, dt)
-        # Probabilities rounded to dt for the PV matmul (HF's .to(query.dtype)).
-        p = p.astype(dt)  # [Rp, bk]
+        p = _probabilities(s, m, inv_l, dt, exact=exact)  # [Rp, bk] dt; masked keys: 0
         v = v_ref[pl.ds(local, block_k), :]  # [bk, Hp] dt
-        if not all_used:  # keys no row sees: zero v so that p = 0 never meets NaN/inf (0 * NaN)
-            vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg,
-                                  **vis_opts)
-            used = (jnp.max(jnp.where(vis, 1, 0), axis=0) > 0)[:, None]  # [bk, 1]
-            v = jnp.where(used, v, jnp.zeros((), dt))
+        if not all_used:
+            v = _zero_unused(v, _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos,
+                                                qseg=qseg, **vis_opts))
         return acc + jnp.dot(p, v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [Rp, Hp]
 
     acc_ref[...] = lax.fori_loop(0, steps, step, jnp.zeros(acc_ref.shape, jnp.float32))
