@@ -155,7 +155,7 @@ def cmd_tighten(args) -> int:
                                     on_case=lambda *_: prog.advance(task), measure_only=True)
                         rows.extend(got.values())
             changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
-                                         seed=args.seed, profile=args.profile)
+                                         seed=args.seed, profile=args.profile, fresh=args.fresh)
             for c in changes:
                 print(c.line())
             refused = [c for c in changes if c.action == "refused"]
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--margin", type=float, default=1.25, help="budget = measured x margin, rounded up (default 1.25)")
     t.add_argument("--allow-loosen", action="store_true", help="let a budget grow when the measurement exceeds it")
     t.add_argument("--dry-run", action="store_true", help="print old -> new, write nothing")
+    t.add_argument("--fresh", action="store_true",
+                   help="drop the recorded sample instead of folding the new one into it (after a kernel change)")
     t.add_argument("--profile", default="parity tighten", help="recorded in provenance (e.g. thorough)")
     t.add_argument("--tolerances", default=None)
     t.set_defaults(fn=cmd_tighten)

@@ -11,6 +11,12 @@ The ratchet:
 - numbers a sweep does not measure (floor_rel, floor_ulps) are left as they are;
 - per-recipe overrides are tightened in place; the base entry takes the worst of the
   recipes that use it;
+- evidence accumulates: when the entry's provenance was measured on the same backend with
+  the same library versions, the new sample is folded into it (each measured number is
+  the worst of both, ``examples`` their sum; a rerun of the very same sample, the same
+  seed and size, adds nothing), so a new draw that happens to miss a rare case cannot
+  tighten a budget below what an earlier sample measured. ``fresh=True`` (``--fresh``)
+  drops the recorded sample: after a kernel change, when it no longer describes the code;
 - provenance is refreshed (measured, examples, seed, date, profile, backend, versions);
 - the file is written back with ruamel's round-trip mode (comments and key order kept),
   atomically (temporary file in the same folder, flush, fsync, rename), under an
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oracles.budgets import BudgetError, Tolerances, yaml_rt
+from oracles.sweep import Row
 
 READABLE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 # measure name (as sweep.Row reports it) -> (section, key) in an entry
@@ -101,11 +108,37 @@ def _section(node, name):
     return node[name]
 
 
+def _worst(new: float, old) -> float:
+    """The worse of a new and a recorded measurement (a recorded NaN or none: the new one)."""
+    if old is None or math.isnan(float(old)):
+        return new
+    return new if math.isnan(new) else max(new, float(old))
+
+
+def _fold_recorded(rows, recorded, props: set):
+    """Copies of ``rows`` whose measurements also hold the recorded ones (``provenance.measured``:
+    per recipe, or at the top level for a row without one)."""
+    out = []
+    for r in rows:
+        old = (recorded.get(r.recipe) if r.recipe else recorded) or {}
+        folded = Row(r.op, r.dtype, r.recipe, examples=r.examples)
+        folded.measured = {m: (_worst(v, old.get(_target(m, props)[1])) if _target(m, props) else v)
+                           for m, v in r.measured.items()}
+        out.append(folded)
+    return out
+
+
 def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loosen: bool,
-               seed: int, profile: str = "parity tighten") -> list[Change]:
-    """Fold sweep rows (one per op/dtype/recipe) into ``tol.data`` in place; return the changes."""
+               seed: int, profile: str = "parity tighten", fresh: bool = False,
+               versions_now: dict | None = None) -> list[Change]:
+    """Fold sweep rows (one per op/dtype/recipe) into ``tol.data`` in place; return the changes.
+
+    ``versions_now``: the library versions the rows were measured with (default: this
+    process's, :func:`versions`); a recorded sample of other versions is not folded in.
+    """
     from ruamel.yaml.comments import CommentedMap
 
+    versions_now = dict(versions() if versions_now is None else versions_now)
     changes: list[Change] = []
     by_entry: dict[tuple[str, str], list] = {}
     for r in rows:
@@ -124,12 +157,19 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
                 by_dtype[backend]["properties"] = CommentedMap((k, 0.0) for k in sibling["properties"])
         entry = by_dtype[backend]
         examples = sum(r.examples for r in rs)  # the cases this entry's numbers rest on
-        # A smaller sample than the one a budget was measured on has seen fewer rare
-        # events (rounding ties): it may confirm a budget but not tighten it.
-        prev_examples = (entry.get("provenance") or {}).get("examples", 0) or 0
-        may_tighten = created or examples >= prev_examples
+        prev = entry.get("provenance") or {}
+        prev_examples = prev.get("examples", 0) or 0
         overrides = entry.get("recipes") or {}
         props = set(entry.get("properties") or {})
+        if (not created and not fresh and prev.get("backend") == backend
+                and dict(prev.get("versions") or {}) == versions_now):
+            # The recorded sample is evidence about this same code and backend: keep it.
+            rs = _fold_recorded(rs, prev.get("measured") or {}, props)
+            if not (prev.get("seed") == seed and prev_examples == examples):  # else the very same draws
+                examples += prev_examples
+        # A smaller sample than the one a budget was measured on has seen fewer rare
+        # events (rounding ties): it may confirm a budget but not tighten it.
+        may_tighten = created or examples >= prev_examples
         measures = sorted({m for r in rs for m in r.measured if _target(m, props)})
         for m in measures:
             section, key = _target(m, props)
@@ -161,7 +201,7 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
             continue  # the provenance still describes the larger sample the budgets rest on
         entry["provenance"] = CommentedMap(
             measured=measured, examples=examples, seed=seed,
-            date=_dt.date.today().isoformat(), profile=profile, backend=backend, versions=CommentedMap(versions()))
+            date=_dt.date.today().isoformat(), profile=profile, backend=backend, versions=CommentedMap(versions_now))
     return changes
 
 

@@ -113,3 +113,32 @@ def test_second_concurrent_run_is_refused(tmp_path):
         with pytest.raises(budgets.BudgetError, match="another 'parity tighten'"):
             with tighten.locked(tol.path):
                 pass
+
+
+V = {"jax": "1", "torch": "2"}
+RECORDED = TEXT.replace(
+    "provenance: {measured: {}, examples: 10, seed: 0, date: '2000-01-01', versions: {}}",
+    "provenance: {measured: {hf: {max_ulps: 3.0, mismatch_frac: 0.001, ratio: 0.5}}, examples: 10, seed: 0,\n"
+    "                   date: '2000-01-01', backend: cpu, versions: {jax: '1', torch: '2'}}")
+
+
+@pytest.mark.parametrize("fresh, versions, max_ulps, examples", [
+    (False, V, 4, 30),  # folded: the recorded 3 ulps x 1.25 -> 4 holds the budget
+    (True, V, 2, 20),  # --fresh: the new sample alone, 1 ulp x 1.25 -> 2
+    (False, {"jax": "9", "torch": "2"}, 2, 20),  # other versions: the record describes other code
+])
+def test_a_new_sample_cannot_tighten_below_the_recorded_one(tmp_path, fresh, versions, max_ulps, examples):
+    tol = _tol(tmp_path, RECORDED)
+    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=20)], backend="cpu", margin=1.25,
+                       allow_loosen=False, seed=1, fresh=fresh, versions_now=versions)
+    e = tol.data["rms_norm"]["bfloat16"]["cpu"]
+    assert e["parity"]["max_ulps"] == max_ulps
+    assert e["provenance"]["examples"] == examples
+    assert e["provenance"]["measured"]["hf"]["max_ulps"] == (3.0 if max_ulps == 4 else 1.0)
+
+
+def test_the_same_draws_again_add_no_examples(tmp_path):
+    tol = _tol(tmp_path, RECORDED)
+    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=10)], backend="cpu", margin=1.25,
+                       allow_loosen=False, seed=0, versions_now=V)
+    assert tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]["examples"] == 10
