@@ -73,3 +73,26 @@ def in_turns(torch, sides: dict, *, rounds: int, calls: int = 5) -> tuple[dict, 
             spans[k].append(d.get("span_s", float("nan")))
             kernels[k] = list(d.get("top_kernels_s") or {})[:2]
     return spans, kernels
+
+
+def grouped_span(jax, torch, fn, sets, *, calls: int = 5) -> dict:
+    """:func:`device_span` of one jitted program applying ``fn`` to every input set of ``sets``
+    (one dispatch, ``len(sets)`` applications), compiled and run once before the trace.
+    Raises RuntimeError when the trace cannot be split into calls."""
+    g = jax.jit(lambda ss: [fn(*s) for s in ss])
+    jax.block_until_ready(g(sets))
+    d = device_span(torch, lambda i: g(sets), jax.block_until_ready, len(sets), calls=calls)
+    if "error" in d:
+        raise RuntimeError(d["error"])
+    return d
+
+
+def copy_gb_s(torch, *, nbytes: int = 1 << 29, calls: int = 5) -> float:
+    """The copy ceiling on the device's clock: torch ``dst.copy_(src)`` of ``nbytes``, counting
+    the bytes read and written (2 * nbytes a copy), in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    d = device_span(torch, lambda i: dst.copy_(src), lambda _: torch.cuda.synchronize(), 1, calls=calls)
+    if "error" in d:
+        raise RuntimeError(d["error"])
+    return 2 * nbytes / d["span_s"] / 1e9

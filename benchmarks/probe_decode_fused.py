@@ -76,7 +76,7 @@ def main(argv=None):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from devtime import device_span
+    from devtime import copy_gb_s, grouped_span
 
     from kernels.attention_pallas import pallas_attention
 
@@ -90,15 +90,7 @@ def main(argv=None):
 
     if not smoke:
         import torch
-
-        n = 1 << 29
-        src = torch.empty(n, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        d = device_span(torch, lambda i: dst.copy_(src), lambda _: torch.cuda.synchronize(), 1, calls=args.trials)
-        copy = 2 * n / d["span_s"] / 1e9
-        del src, dst
-    else:
-        copy = 1.0
+    copy = 1.0 if smoke else copy_gb_s(torch, calls=args.trials)
     res["copy_gb_s"] = copy
     print(f"copy {copy:.0f} GB/s", flush=True)
 
@@ -231,12 +223,7 @@ def main(argv=None):
         if smoke:
             jax.block_until_ready(fn(*sets[0]))
             return {"span_s": 1.0, "top_kernels_s": {}}
-        g = jax.jit(lambda ss: [fn(*s) for s in ss])
-        jax.block_until_ready(g(sets))
-        d = device_span(torch, lambda i: g(sets), jax.block_until_ready, len(sets), calls=args.trials)
-        if "error" in d:
-            raise RuntimeError(d["error"])
-        return d
+        return grouped_span(jax, torch, fn, sets, calls=args.trials)
 
     def record(cfg, fn):
         row = dict(cfg)

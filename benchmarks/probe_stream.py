@@ -78,7 +78,7 @@ def main(argv=None):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from devtime import device_span
+    from devtime import copy_gb_s, grouped_span
 
     from kernels.attention_pallas import pallas_attention
     from kernels.rms_norm_pallas import pallas_rms_norm
@@ -97,22 +97,9 @@ def main(argv=None):
         if args.smoke:
             jax.block_until_ready(fn(*sets[0]))
             return {"span_s": 1.0, "top_kernels_s": {}}
-        g = jax.jit(lambda ss: [fn(*s) for s in ss])
-        jax.block_until_ready(g(sets))
-        d = device_span(torch, lambda i: g(sets), jax.block_until_ready, len(sets), calls=args.trials)
-        if "error" in d:
-            raise RuntimeError(d["error"])
-        return d
+        return grouped_span(jax, torch, fn, sets, calls=args.trials)
 
-    if args.smoke:
-        copy = 1.0
-    else:
-        n = 1 << 29
-        src = torch.empty(n, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        d = device_span(torch, lambda i: dst.copy_(src), lambda _: torch.cuda.synchronize(), 1, calls=args.trials)
-        copy = 2 * n / d["span_s"] / 1e9
-        del src, dst
+    copy = 1.0 if args.smoke else copy_gb_s(torch, calls=args.trials)
     res["copy_gb_s"] = copy
     print(f"copy {copy:.0f} GB/s", flush=True)
 
