@@ -18,6 +18,7 @@ The ratchet:
   tighten a budget below what an earlier sample measured. ``fresh=True`` (``--fresh``)
   drops the recorded sample: after a kernel change, when it no longer describes the code;
 - provenance is refreshed (measured, examples, seed, date, profile, backend, versions);
+  its ``note``, a person's why, is kept;
 - the file is written back with ruamel's round-trip mode (comments and key order kept),
   atomically (temporary file in the same folder, flush, fsync, rename), under an
   exclusive lock so that two runs cannot interleave.
@@ -202,6 +203,8 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
         entry["provenance"] = CommentedMap(
             measured=measured, examples=examples, seed=seed,
             date=_dt.date.today().isoformat(), profile=profile, backend=backend, versions=CommentedMap(versions_now))
+        if prev.get("note"):  # a person's why (a budget set by hand, a past loosening) outlives the numbers
+            entry["provenance"]["note"] = prev["note"]
     return changes
 
 

@@ -142,3 +142,10 @@ def test_the_same_draws_again_add_no_examples(tmp_path):
     tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=10)], backend="cpu", margin=1.25,
                        allow_loosen=False, seed=0, versions_now=V)
     assert tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]["examples"] == 10
+
+
+def test_a_note_in_the_provenance_survives(tmp_path):
+    tol = _tol(tmp_path, RECORDED.replace("backend: cpu,", "backend: cpu, note: 'set by hand: why',"))
+    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=20)], backend="cpu", margin=1.25,
+                       allow_loosen=False, seed=1, fresh=True, versions_now=V)
+    assert tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]["note"] == "set by hand: why"
