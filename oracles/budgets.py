@@ -33,7 +33,7 @@ BACKENDS = ("cpu", "gpu")
 PARITY_KEYS = ("max_ulps", "mismatch_frac", "floor_rel")
 ACCURACY_KEYS = ("ratio", "floor_ulps")
 PROVENANCE_KEYS = ("measured", "examples", "seed", "date", "versions")
-ENTRY_KEYS = ("parity", "accuracy", "properties", "recipes", "provenance")
+ENTRY_KEYS = ("parity", "accuracy", "properties", "recipes", "implementations", "provenance")
 
 
 class BudgetError(ValueError):
@@ -142,6 +142,12 @@ class Tolerances:
             self._numbers(props, kp + ["properties"], tuple(props), optional=True)
         for name, sub in (entry.get("recipes") or {}).items():
             self._validate_entry(sub, kp + ["recipes", name], top=False)
+        # An implementation with other roundings than the op's (attention's "pallas_flash"):
+        # a whole entry of its own, measured on its own sample (its own provenance).
+        for name, sub in (entry.get("implementations") or {}).items():
+            if not top:
+                self._fail(kp + ["implementations"], "only an op/dtype/backend entry may hold implementations")
+            self._validate_entry(sub, kp + ["implementations", name], top=True)
         if top:
             prov = entry["provenance"]
             if not isinstance(prov, dict):
@@ -150,27 +156,33 @@ class Tolerances:
                 if k not in prov:
                     self._fail(kp + ["provenance", k], f"missing (provenance needs {list(PROVENANCE_KEYS)})")
 
-    def entry(self, op: str, dtype: str, backend: str):
+    def entry(self, op: str, dtype: str, backend: str, implementation: str | None = None):
         try:
-            return self.data[op][dtype][backend]
-        except KeyError:
-            raise BudgetError(f"{self.path}: no budget for {op}.{dtype}.{backend}") from None
+            e = self.data[op][dtype][backend]
+            return e if implementation is None else e["implementations"][implementation]
+        except (KeyError, TypeError):
+            where = f"{op}.{dtype}.{backend}" + (f".implementations.{implementation}" if implementation else "")
+            raise BudgetError(f"{self.path}: no budget for {where}") from None
 
     def lookup(self, op: str, dtype: str, backend: str = "cpu", recipe: str | None = None, *,
-               measure_only: bool = False) -> Budget:
-        """The budget of ``op`` in ``dtype`` on ``backend`` (with ``recipe``'s overrides).
+               implementation: str | None = None, measure_only: bool = False) -> Budget:
+        """The budget of ``op`` in ``dtype`` on ``backend`` (with ``recipe``'s overrides);
+        ``implementation``: that implementation's own entry under ``implementations``.
 
         ``measure_only`` (``parity tighten`` measuring a backend with no entry yet): a
         budget that judges nothing, with another backend's floors and property names.
         """
         if op not in self.known_ops:
             raise BudgetError(f"unknown op {op!r} (known: {list(self.known_ops)})")
-        if measure_only and backend not in (self.data.get(op, {}).get(dtype) or {}):
+        by_backend = self.data.get(op, {}).get(dtype) or {}
+        missing = backend not in by_backend or (
+            implementation is not None and implementation not in (by_backend[backend].get("implementations") or {}))
+        if measure_only and missing:
             return self._unbounded(op, dtype, backend, recipe)
-        e = self.entry(op, dtype, backend)
+        e = self.entry(op, dtype, backend, implementation)
         parity, accuracy = dict(e["parity"]), dict(e["accuracy"])
         props = dict(e.get("properties") or {})
-        path = f"{op}.{dtype}.{backend}"
+        path = f"{op}.{dtype}.{backend}" + (f".implementations.{implementation}" if implementation else "")
         sub = (e.get("recipes") or {}).get(recipe) if recipe else None
         if sub:
             parity.update(sub.get("parity") or {})

@@ -46,6 +46,13 @@ def _dtypes(arg: list[str] | None) -> list[str]:
     return names
 
 
+def _implementations(op: str) -> list[str]:
+    """The op's registered implementations with their own budgets (attention: pallas_flash)."""
+    from oracles.registry import harness
+
+    return sorted(harness(op).implementations)
+
+
 def _load_tolerances(path):
     from oracles import budgets
 
@@ -87,19 +94,21 @@ def cmd_check(args) -> int:
     rows = []
     t0 = time.perf_counter()
     with Progress(console=Console(stderr=True), transient=True, disable=args.json) as prog:
-        task = prog.add_task("sweeping", total=len(ops) * len(dts) * args.examples)
+        task = prog.add_task("sweeping", total=sum(1 + len(_implementations(op)) for op in ops) * len(dts) * args.examples)
         for op in ops:
-            for dt in dts:
-                prog.update(task, description=f"{op} {dt}")
-                got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol,
-                            on_case=lambda *_: prog.advance(task))
-                rows.extend(got[k] for k in sorted(got, key=str))
+            for impl in (None, *_implementations(op)):  # the op, then each of its other implementations
+                for dt in dts:
+                    prog.update(task, description=f"{op} {dt}" + (f" ({impl})" if impl else ""))
+                    got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol,
+                                on_case=lambda *_: prog.advance(task), implementation=impl)
+                    rows.extend(got[k] for k in sorted(got, key=str))
     elapsed = time.perf_counter() - t0
     breach = any(not r.passed for r in rows)
     if args.json:
         print(json.dumps({"backend": backend(), "seed": args.seed, "examples": args.examples, "elapsed_s": elapsed,
                           "passed": not breach,
-                          "rows": [{"op": r.op, "dtype": r.dtype, "recipe": r.recipe, "examples": r.examples,
+                          "rows": [{"op": r.op, "dtype": r.dtype, "recipe": r.recipe,
+                                    "implementation": r.implementation, "examples": r.examples,
                                     "failures": r.failures, "measured": r.measured, "budget": r.budget,
                                     "first_failure": r.first_failure} for r in rows]}, indent=1))
         return EXIT_BREACH if breach else 0
@@ -117,7 +126,8 @@ def cmd_check(args) -> int:
         other = [f"{k} {_fmt(v)}/{_fmt(b.get(k))}" for k, v in m.items()
                  if not k.startswith(("parity.", "accuracy.")) and k in b and b.get(k) != 0]
         bad_kinds = [k for k, ok in r.ok.items() if not ok]
-        table.add_row(r.op, r.dtype, r.recipe or "-", str(r.examples), pair("parity.max_ulps"),
+        recipe = (r.recipe or "-") + (f" @{r.implementation}" if r.implementation else "")
+        table.add_row(r.op, r.dtype, recipe, str(r.examples), pair("parity.max_ulps"),
                       pair("parity.mismatch_frac", 100), pair("accuracy.ratio"), "; ".join(other),
                       "[green]pass[/]" if r.passed else f"[red]FAIL[/] ({', '.join(bad_kinds)})")
     console.print(table)
@@ -142,6 +152,11 @@ def cmd_tighten(args) -> int:
     tol = _load_tolerances(args.tolerances)
     ops, dts = _ops(args.ops), _dtypes(args.dtypes)
     be = backend()
+    if args.implementation:
+        bad = [op for op in ops if args.implementation not in _implementations(op)]
+        if bad:
+            raise SystemExit(f"parity tighten: --implementation {args.implementation}: not an implementation of "
+                             f"{bad} (pass --ops with an op that has it)")
     try:
         with tighten.locked(tol.path):
             tol = _load_tolerances(tol.path)  # re-read under the lock: another run may have written it
@@ -152,7 +167,8 @@ def cmd_tighten(args) -> int:
                     for dt in dts:
                         prog.update(task, description=f"{op} {dt}")
                         got = sweep(op, dt, examples=args.examples, seed=args.seed, tolerances=tol, backend=be,
-                                    on_case=lambda *_: prog.advance(task), measure_only=True)
+                                    on_case=lambda *_: prog.advance(task), measure_only=True,
+                                    implementation=args.implementation)
                         rows.extend(got.values())
             changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
                                          seed=args.seed, profile=args.profile, fresh=args.fresh)
@@ -327,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh", action="store_true",
                    help="drop the recorded sample instead of folding the new one into it (after a kernel change)")
     t.add_argument("--profile", default="parity tighten", help="recorded in provenance (e.g. thorough)")
+    t.add_argument("--implementation", default=None,
+                   help="measure this registered implementation of the ops (its own budget, "
+                        "e.g. attention's pallas_flash) instead of the op's kernel")
     t.add_argument("--tolerances", default=None)
     t.set_defaults(fn=cmd_tighten)
 

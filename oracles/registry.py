@@ -88,12 +88,27 @@ class Harness:
     kernel:     the real JAX kernel (what mutants replace).
     examples_scale: the share of a sweep's examples this op runs (a whole-model case
                 costs a few seconds where an op's costs milliseconds).
+    implementations: name -> ``Implementation``: kernels of the op with other roundings,
+                judged against the same oracle under their own budgets
+                (``implementations.<name>`` in tolerances.yaml).
     """
 
     cases: Callable
     evaluate: Callable
     kernel: Callable
     properties: Callable | None = None
+    examples_scale: float = 1.0
+    implementations: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Another kernel of one op: ``kernel`` (called like the op's), the keyword arguments
+    ``case_opts`` its cases are drawn with (e.g. the one recipe it implements) and the
+    share of a sweep's examples it runs."""
+
+    kernel: Callable
+    case_opts: dict = field(default_factory=dict)
     examples_scale: float = 1.0
 
 
@@ -165,17 +180,25 @@ def judge_case(case: Case, outcome: Outcome, budget) -> list[compare.Judgment]:
 
 
 def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str | None = None,
-             measure_only: bool = False):
-    """Evaluate and judge one case. Returns ``(outcome, budget, judgments)``."""
+             measure_only: bool = False, implementation: str | None = None):
+    """Evaluate and judge one case. Returns ``(outcome, budget, judgments)``.
+
+    ``implementation``: run that registered implementation's kernel (unless ``kernel``
+    is given) and judge it by its own budget.
+    """
     h = harness(case.op)
-    outcome = h.evaluate(case, kernel if kernel is not None else active_kernel(case.op))
-    budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe, measure_only=measure_only)
+    if kernel is None:
+        kernel = h.implementations[implementation].kernel if implementation else active_kernel(case.op)
+    outcome = h.evaluate(case, kernel)
+    budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe, implementation=implementation,
+                               measure_only=measure_only)
     return outcome, budget, judge_case(case, outcome, budget)
 
 
-def check_case(case: Case, tolerances, *, kernel: Callable | None = None) -> list[compare.Judgment]:
+def check_case(case: Case, tolerances, *, kernel: Callable | None = None,
+               implementation: str | None = None) -> list[compare.Judgment]:
     """Run one case and raise ``NumericsError`` (an AssertionError) on any failed judgment."""
-    _, budget, js = run_case(case, tolerances, kernel=kernel)
+    _, budget, js = run_case(case, tolerances, kernel=kernel, implementation=implementation)
     header = f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] ({budget.key_path}): "
     compare.require(js, header=header, reproducer=case.reproducer())
     return js

@@ -25,6 +25,7 @@ class Row:
     dtype: str
     recipe: str | None
     examples: int = 0
+    implementation: str | None = None  # a registered implementation's own budget (Harness.implementations)
     failures: int = 0
     measured: dict = field(default_factory=dict)  # measure -> worst value
     budget: dict = field(default_factory=dict)  # measure -> budget value
@@ -33,7 +34,8 @@ class Row:
 
     @property
     def key(self) -> str:
-        return f"{self.op}/{self.dtype}" + (f"/{self.recipe}" if self.recipe else "")
+        return (f"{self.op}/{self.dtype}" + (f"/{self.recipe}" if self.recipe else "")
+                + (f"@{self.implementation}" if self.implementation else ""))
 
     @property
     def passed(self) -> bool:
@@ -62,23 +64,30 @@ class Row:
 
 def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend: str | None = None,
           on_case: Callable | None = None, kernel: Callable | None = None,
-          measure_only: bool = False) -> dict[str | None, Row]:
+          measure_only: bool = False, implementation: str | None = None) -> dict[str | None, Row]:
     """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen.
 
+    ``implementation``: sweep that registered implementation of the op (its kernel, its
+    cases, its own budget) instead of the op's kernel.
     ``on_case(case, outcome, budget, judgments)`` is called after each case (progress
     bars, reports). Deterministic for a given seed: ``parity tighten`` relies on it.
     """
     h = registry.harness(op)
     rows: dict[str | None, Row] = {}
     be = backend or registry.backend()
+    impl = h.implementations.get(implementation) if implementation else None
+    if implementation and impl is None:
+        raise ValueError(f"{op}: no implementation {implementation!r} (known: {sorted(h.implementations)})")
+    scale = h.examples_scale * (impl.examples_scale if impl else 1.0)
 
     @hyp_seed(seed)
-    @settings(max_examples=max(1, round(examples * h.examples_scale)), database=None, deadline=None, derandomize=False,
+    @settings(max_examples=max(1, round(examples * scale)), database=None, deadline=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=h.cases(dtype=dtype))
+    @given(case=h.cases(dtype=dtype, **(impl.case_opts if impl else {})))
     def run(case):
-        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be, measure_only=measure_only)
-        rows.setdefault(case.recipe, Row(op, dtype, case.recipe)).fold(case, budget, js)
+        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be, measure_only=measure_only,
+                                                implementation=implementation)
+        rows.setdefault(case.recipe, Row(op, dtype, case.recipe, implementation=implementation)).fold(case, budget, js)
         if on_case:
             on_case(case, outcome, budget, js)
 

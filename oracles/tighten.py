@@ -122,7 +122,7 @@ def _fold_recorded(rows, recorded, props: set):
     out = []
     for r in rows:
         old = (recorded.get(r.recipe) if r.recipe else recorded) or {}
-        folded = Row(r.op, r.dtype, r.recipe, examples=r.examples)
+        folded = Row(r.op, r.dtype, r.recipe, examples=r.examples, implementation=r.implementation)
         folded.measured = {m: (_worst(v, old.get(_target(m, props)[1])) if _target(m, props) else v)
                            for m, v in r.measured.items()}
         out.append(folded)
@@ -141,22 +141,31 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
 
     versions_now = dict(versions() if versions_now is None else versions_now)
     changes: list[Change] = []
-    by_entry: dict[tuple[str, str], list] = {}
+    by_entry: dict[tuple[str, str, str | None], list] = {}
     for r in rows:
-        by_entry.setdefault((r.op, r.dtype), []).append(r)
-    for (op, dt), rs in by_entry.items():
+        by_entry.setdefault((r.op, r.dtype, r.implementation), []).append(r)
+    for (op, dt, impl), rs in by_entry.items():
         by_dtype = _section(_section(tol.data, op), dt)
-        created = backend not in by_dtype
-        if created:
-            # A first budget on a new backend: the same property checks as a sibling
-            # backend's entry, every measured number new.
+        if impl is None:
+            holder, name, where = by_dtype, backend, f"{op}.{dt}.{backend}"
             sibling = next(iter(by_dtype.values()), {}) or {}
-            by_dtype[backend] = CommentedMap(
-                parity=CommentedMap(max_ulps=0, mismatch_frac=0.0, floor_rel=0.001),
+        else:  # an implementation's own entry, beside the op's budgets on this backend
+            if backend not in by_dtype:
+                raise BudgetError(f"{op}.{dt}.{backend}: measure the op itself before its implementation {impl!r}")
+            holder, name = _section(by_dtype[backend], "implementations"), impl
+            where = f"{op}.{dt}.{backend}.implementations.{impl}"
+            sibling = by_dtype[backend]
+        created = name not in holder
+        if created:
+            # A first budget on a new backend (or a new implementation): the same property
+            # checks as a sibling entry, every measured number new.
+            holder[name] = CommentedMap(
+                parity=CommentedMap(max_ulps=0, mismatch_frac=0.0,
+                                    floor_rel=(sibling.get("parity") or {}).get("floor_rel", 0.001)),
                 accuracy=CommentedMap(ratio=1.0, floor_ulps=(sibling.get("accuracy") or {}).get("floor_ulps", 1)))
-            if sibling.get("properties"):
-                by_dtype[backend]["properties"] = CommentedMap((k, 0.0) for k in sibling["properties"])
-        entry = by_dtype[backend]
+            if sibling.get("properties") and impl is None:  # an implementation has no property budgets of its own
+                holder[name]["properties"] = CommentedMap((k, 0.0) for k in sibling["properties"])
+        entry = holder[name]
         examples = sum(r.examples for r in rs)  # the cases this entry's numbers rest on
         prev = entry.get("provenance") or {}
         prev_examples = prev.get("examples", 0) or 0
@@ -181,14 +190,14 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
                 ov = overrides.get(r.recipe) if r.recipe else None
                 if ov is not None and key in (ov.get(section) or {}):
                     node = ov[section]
-                    path = f"{op}.{dt}.{backend}.recipes.{r.recipe}.{section}.{key}"
+                    path = f"{where}.recipes.{r.recipe}.{section}.{key}"
                     changes.append(_ratchet(node, key, r.measured[m], m, margin, allow_loosen, path, created,
                                            may_tighten))
                 else:
                     base_worst = r.measured[m] if base_worst is None else max(base_worst, r.measured[m])
             if base_worst is not None:
                 node = _section(entry, section)
-                path = f"{op}.{dt}.{backend}.{section}.{key}"
+                path = f"{where}.{section}.{key}"
                 changes.append(_ratchet(node, key, base_worst, m, margin, allow_loosen, path, created, may_tighten))
         measured = CommentedMap()
         for r in sorted(rs, key=lambda r: str(r.recipe)):

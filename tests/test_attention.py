@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -17,7 +18,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward a
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as qwen2_eager
 
 from oracles.arrays import to_torch
-from oracles.attention import RECIPES, _inputs, _torch_masks, visibility
+from oracles.attention import RECIPES, _inputs, _torch_masks, pallas_flash, visibility
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
 from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
@@ -52,6 +53,49 @@ def test_kernel_within_budget(tolerances, dtype, recipe, data):
     """Parity vs the oracle, accuracy vs the float64 truth, finiteness, empty rows exactly 0."""
     case = data.draw(H.cases(dtype=dtype, recipe=recipe), label="case")
     check_case(case, tolerances, kernel=kernel)
+
+
+# pallas_flash: interpreted Pallas kernels off the GPU (a compile of each case's kernels):
+# a quarter of the profile's examples per dtype.
+FLASH = settings(max_examples=max(1, settings.default.max_examples // 4))
+
+
+@FLASH
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_pallas_flash_within_budget(tolerances, dtype, data):
+    """implementation="pallas_flash" (flash numerics) against the fp32_logits oracle and the
+    float64 truth, under its own budget (implementations.pallas_flash): every mask kind."""
+    case = data.draw(H.cases(dtype=dtype, recipe="fp32_logits"), label="case")
+    check_case(case, tolerances, implementation="pallas_flash")
+
+
+def test_pallas_flash_budget_catches_a_missing_rescale(tolerances, monkeypatch):
+    """The budget above can fail: a flash step that forgets to rescale the running PV sum
+    when the row max grows (a classic flash-attention bug) breaches it."""
+    import kernels.attention_pallas as kp
+
+    def no_rescale(m, l, acc, s, v, dt, *, exact):
+        m_new, l_new, acc_new = real(m, l, acc, s, v, dt, exact=exact)
+        alpha = jnp.exp(m - jnp.where(m_new == -jnp.inf, 0.0, m_new))
+        return m_new, l_new, acc_new - acc * alpha[:, None] + acc  # acc not rescaled by alpha
+
+    real = kp._flash_step
+    # G * T = 160 rows a kv head: the query-tiled kernel, 200 keys in 4 blocks (GPU) or 13 (CPU).
+    case = Case(op="attention", dtype="bfloat16", shapes={"q": (1, 80, 4, 32), "k": (1, 200, 2, 32),
+                                                          "v": (1, 200, 2, 32)},
+                kwargs={"causal": True, "sliding_window": None, "softcap": None, "scale": None,
+                        "recipe": "fp32_logits", "q_chunk": None},
+                data={"seed": 3, "log10_score": [1, 1], "outliers": 0, "mask": "none", "segment_pair": False})
+    check_case(case, tolerances, implementation="pallas_flash")  # the real kernel passes
+    jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
+    monkeypatch.setattr(kp, "_flash_step", no_rescale)
+    try:
+        with pytest.raises(AssertionError, match="parity"):
+            check_case(case, tolerances, implementation="pallas_flash", kernel=functools.partial(pallas_flash))
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
 
 
 def _hf_mask_function(case, a, s, t):

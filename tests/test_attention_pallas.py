@@ -227,7 +227,10 @@ def test_launch_order_changes_no_bit(case):
                    "bfloat16", f"{case} zigzag")
 
 
-KERNELS = pytest.mark.parametrize("kernel", list(KERNEL_OPTS.values()), ids=list(KERNEL_OPTS))
+# Both kernels in both numerics: the recipe's two passes, and flash's one (fp32_logits).
+ALL_KERNEL_OPTS = {**KERNEL_OPTS, **{f"{name}_flash": dict(opts, flash=True, recipe="fp32_logits")
+                                     for name, opts in KERNEL_OPTS.items()}}
+KERNELS = pytest.mark.parametrize("kernel", list(ALL_KERNEL_OPTS.values()), ids=list(ALL_KERNEL_OPTS))
 
 
 @KERNELS
@@ -271,7 +274,7 @@ def test_masked_kv_cannot_reach_output(mask, poison, kernel):
 
 @pytest.mark.parametrize("bad", [
     dict(block_q=24), dict(block_k=8), dict(num_warps=0), dict(recipe="flash"), dict(sliding_window=4, causal=False),
-    dict(num_splits=3), dict(num_splits=0),
+    dict(num_splits=3), dict(num_splits=0), dict(flash=True), dict(flash=True, recipe="hf"), dict(flash=1),
 ])
 def test_bad_arguments_raise(bad):
     q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "float32")
@@ -290,3 +293,35 @@ def test_dtype_mismatch_raises():
     q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "float32")
     with pytest.raises(ValueError, match="share one dtype"):
         pallas_attention(q, k.astype(ml_dtypes.bfloat16), v, interpret=True)
+
+
+@pytest.mark.parametrize("kernel", ["query_tiled", "split_key"])
+def test_flash_differs_from_the_recipe_only_by_rounding(kernel):
+    """flash=True reorders the same maths: the output sits within a bf16 rounding or two of
+    the recipe's (what the budgets of implementations.pallas_flash bound against the
+    oracle), and its error against the float64 truth is of the same size."""
+    b, t, s, n, kh, h = 2, 8, 70, 8, 2, 32  # 5 key blocks of 16; split-key: 2 splits, the last partly padding
+    q, k, v = _arrays(21, b, t, s, n, kh, h, "bfloat16")
+    q = (q.astype(np.float32) * 3).astype(q.dtype)  # scores ~10: the running max moves between blocks
+    kw = dict(recipe="fp32_logits", **KERNEL_OPTS[kernel])
+    flash = np.asarray(pallas_attention(q, k, v, **kw, flash=True, interpret=True).astype(jnp.float32), np.float64)
+    recipe = np.asarray(pallas_attention(q, k, v, **kw, interpret=True).astype(jnp.float32), np.float64)
+    g = n // kh
+    k64 = np.repeat(k.astype(np.float64), g, axis=2)  # [B, S, N, H]: query head n reads kv head n // G
+    v64 = np.repeat(v.astype(np.float64), g, axis=2)  # [B, S, N, H]
+    sc = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k64) * h ** -0.5  # [B, N, T, S]
+    vis = np.arange(s)[None, :] <= (np.arange(t) + s - t)[:, None]  # [T, S] causal, bottom-right
+    sc = np.where(vis, sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))  # [B, N, T, S]
+    truth = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v64)  # [B, T, N, H] float64
+    scale = np.abs(truth).max()
+    err_flash, err_recipe = np.abs(flash - truth).max() / scale, np.abs(recipe - truth).max() / scale
+    assert not np.array_equal(flash, recipe), "flash=True returned the recipe's bits: the flag did nothing"
+    assert err_flash <= 2 * err_recipe, f"flash error {err_flash:.3g} vs the recipe's {err_recipe:.3g}"
+    assert np.abs(flash - recipe).max() / scale < 2 ** -6  # a couple of bf16 roundings, not a wrong formula
+
+
+def test_gqa_attention_pallas_flash_refuses_the_hf_recipe():
+    q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "bfloat16")
+    with pytest.raises(ValueError, match="implementation='pallas_flash' needs recipe='fp32_logits'"):
+        gqa_attention(q, k, v, recipe="hf", implementation="pallas_flash")

@@ -43,6 +43,37 @@ def test_recipe_override_merges_onto_the_entry(tmp_path):
     assert tol.lookup("rms_norm", "float32", "cpu", "hf").parity.max_ulps == 8
 
 
+IMPL = GOOD + """\
+      implementations:
+        fast:
+          parity: {max_ulps: 40, mismatch_frac: 0.5, floor_rel: 0.001}
+          accuracy: {ratio: 3.0, floor_ulps: 1}
+          provenance: {measured: {}, examples: 1, seed: 0, date: '2026-11-23', versions: {}}
+"""
+
+
+def test_an_implementation_has_its_own_entry(tmp_path):
+    """implementations.<name> replaces the op's budget for that implementation (its own
+    sample), and never leaks into the op's own lookup."""
+    tol = _load(tmp_path, IMPL)
+    fast = tol.lookup("rms_norm", "float32", "cpu", implementation="fast")
+    assert fast.parity.max_ulps == 40 and fast.accuracy.ratio == 3.0
+    assert fast.key_path == "rms_norm.float32.cpu.implementations.fast"
+    assert tol.lookup("rms_norm", "float32", "cpu").parity.max_ulps == 8
+    with pytest.raises(budgets.BudgetError, match=r"no budget for rms_norm\.float32\.cpu\.implementations\.slow"):
+        tol.lookup("rms_norm", "float32", "cpu", implementation="slow")
+    assert tol.lookup("rms_norm", "float32", "cpu", implementation="slow", measure_only=True).parity.max_ulps == float("inf")
+    with pytest.raises(budgets.BudgetError, match=r"implementations\.fast\.provenance\.seed: missing"):
+        _load(tmp_path, IMPL.replace("seed: 0, date: '2026-11-23'", "date: '2026-11-23'"))
+
+
+def test_committed_implementations_cover_every_dtype_on_both_backends():
+    tol = budgets.load()
+    for dt in DTYPES:
+        for be in ("cpu", "gpu"):
+            assert tol.lookup("attention", dt, be, "fp32_logits", implementation="pallas_flash").parity.max_ulps > 0
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

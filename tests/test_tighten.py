@@ -149,3 +149,22 @@ def test_a_note_in_the_provenance_survives(tmp_path):
     tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=20)], backend="cpu", margin=1.25,
                        allow_loosen=False, seed=1, fresh=True, versions_now=V)
     assert tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]["note"] == "set by hand: why"
+
+
+def test_an_implementation_gets_its_own_entry_and_provenance(tmp_path):
+    """Rows of an implementation land in implementations.<name> (created with the op's
+    floors, no property budgets), and never touch the op's own numbers."""
+    tol = _tol(tmp_path)
+    r = _row(None, 30.0, 0.3, 1.1)
+    r.implementation = "fast"
+    ch = tighten.apply_rows(tol, [r], backend="cpu", margin=1.25, allow_loosen=False, seed=0)
+    assert {c.action for c in ch} == {"new"}
+    assert all(".implementations.fast." in c.key_path for c in ch)
+    e = tol.data["rms_norm"]["bfloat16"]["cpu"]
+    assert e["parity"]["max_ulps"] == 4  # the op's own budget untouched
+    sub = e["implementations"]["fast"]
+    assert sub["parity"]["max_ulps"] == 40 and sub["accuracy"]["ratio"] == 1.5
+    assert sub["provenance"]["examples"] == 10 and "properties" not in sub
+    budgets.Tolerances(tol.data, tol.path, tol.known_ops)  # validates
+    with pytest.raises(budgets.BudgetError, match="measure the op itself before its implementation"):
+        tighten.apply_rows(tol, [r], backend="gpu", margin=1.25, allow_loosen=False, seed=0)
