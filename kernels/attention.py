@@ -423,20 +423,16 @@ def gqa_attention(
     call_opts = dict(scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                      kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,
                      recipe=recipe)
-    if implementation == "pallas_flash":
-        if recipe != "fp32_logits":
-            raise ValueError(f"{_OP}: implementation='pallas_flash' needs recipe='fp32_logits', got {recipe!r}: "
-                             f"one pass cannot round normalised probabilities (use implementation='pallas')")
-        from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
-
-        return pallas_attention(q, k, v, **call_opts, flash=True)
-    if implementation == "pallas" or (implementation is None and q.dtype != jnp.float32):
+    if implementation == "pallas_flash" and recipe != "fp32_logits":
+        raise ValueError(f"{_OP}: implementation='pallas_flash' needs recipe='fp32_logits', got {recipe!r}: "
+                         f"one pass cannot round normalised probabilities (use implementation='pallas')")
+    if implementation in ("pallas", "pallas_flash") or (implementation is None and q.dtype != jnp.float32):
         from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
 
         def pallas(q, k, v):
-            return pallas_attention(q, k, v, **call_opts)
+            return pallas_attention(q, k, v, **call_opts, flash=implementation == "pallas_flash")
 
-        if implementation == "pallas":
+        if implementation is not None:
             return pallas(q, k, v)
         # None: the fastest path of the platform. On a CUDA GPU bf16/f16 take the Pallas
         # kernels, each within the GPU budgets of tolerances.yaml. On an H100 (device time,

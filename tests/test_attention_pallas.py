@@ -50,13 +50,15 @@ reference = jax.jit(gqa_attention,
                     static_argnames=("scale", "causal", "sliding_window", "softcap", "recipe", "q_chunk"))
 
 
-def _term_sum(q, k, v, kw) -> np.ndarray:
-    """``sum_s p_s |v_s|`` per output ``[B,T,N,H]``, from float64 probabilities of the same masks."""
+def _term_sum(q, k, v, kw, *, signed: bool = False) -> np.ndarray:
+    """``sum_s p_s |v_s|`` per output ``[B,T,N,H]``, from float64 probabilities of the same masks;
+    ``signed``: ``sum_s p_s v_s``, the float64 truth of the attention itself."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     k64 = np.repeat(k.astype(np.float64), g, axis=2)  # [B, S, N, H]: query head n reads kv head n // G
-    v64 = np.abs(np.repeat(v.astype(np.float64), g, axis=2))  # [B, S, N, H]
+    v64 = np.repeat(v.astype(np.float64), g, axis=2)  # [B, S, N, H]
+    v64 = v64 if signed else np.abs(v64)
     sc = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k64) * kw.get("scale", h ** -0.5)  # [B, N, T, S]
     if kw.get("softcap") is not None:
         sc = np.tanh(sc / kw["softcap"]) * kw["softcap"]
@@ -306,14 +308,7 @@ def test_flash_differs_from_the_recipe_only_by_rounding(kernel):
     kw = dict(recipe="fp32_logits", **KERNEL_OPTS[kernel])
     flash = np.asarray(pallas_attention(q, k, v, **kw, flash=True, interpret=True).astype(jnp.float32), np.float64)
     recipe = np.asarray(pallas_attention(q, k, v, **kw, interpret=True).astype(jnp.float32), np.float64)
-    g = n // kh
-    k64 = np.repeat(k.astype(np.float64), g, axis=2)  # [B, S, N, H]: query head n reads kv head n // G
-    v64 = np.repeat(v.astype(np.float64), g, axis=2)  # [B, S, N, H]
-    sc = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k64) * h ** -0.5  # [B, N, T, S]
-    vis = np.arange(s)[None, :] <= (np.arange(t) + s - t)[:, None]  # [T, S] causal, bottom-right
-    sc = np.where(vis, sc, -np.inf)
-    p = np.exp(sc - sc.max(-1, keepdims=True))  # [B, N, T, S]
-    truth = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v64)  # [B, T, N, H] float64
+    truth = _term_sum(q, k, v, dict(causal=True), signed=True)  # [B, T, N, H] float64
     scale = np.abs(truth).max()
     err_flash, err_recipe = np.abs(flash - truth).max() / scale, np.abs(recipe - truth).max() / scale
     assert not np.array_equal(flash, recipe), "flash=True returned the recipe's bits: the flag did nothing"
