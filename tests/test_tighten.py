@@ -168,3 +168,16 @@ def test_an_implementation_gets_its_own_entry_and_provenance(tmp_path):
     budgets.Tolerances(tol.data, tol.path, tol.known_ops)  # validates
     with pytest.raises(budgets.BudgetError, match="measure the op itself before its implementation"):
         tighten.apply_rows(tol, [r], backend="gpu", margin=1.25, allow_loosen=False, seed=0)
+
+
+def test_committed_file_is_in_the_form_tighten_writes():
+    """tolerances.yaml is byte for byte what ``parity tighten`` would write back unchanged:
+    a budget rewrite then changes only the numbers it moves, never the wrapping of a
+    provenance note written by hand (a re-wrapped note made every tighten diff noisy)."""
+    text = budgets.default_path().read_text()
+    again = tighten.dump(budgets.yaml_rt().load(text))
+    if again != text:
+        have, want = text.splitlines() + [""], again.splitlines() + [""]  # "": past the end
+        first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), len(have) - 1)  # else: the end
+        raise AssertionError(f"tolerances.yaml line {first + 1} is not in tighten's form (ruamel, width 120); "
+                             f"write it as tighten would:\n  file:    {have[first]!r}\n  written: {want[first]!r}")
