@@ -144,13 +144,18 @@ def _cases():
     from oracles.registry import Case
 
     @st.composite
-    def cases(draw, dtype=None, recipe=None, layouts=S.HEAD_LAYOUTS, ts_pairs=TS_PAIRS, q_chunk=None):
+    def cases(draw, dtype=None, recipe=None, layouts=S.HEAD_LAYOUTS, ts_pairs=TS_PAIRS, q_chunk=None,
+              masks=MASK_KINDS, softcaps=(None, None, None, 50.0), square_causal=False):
+        # masks, softcaps, square_causal (a causal case gets T = S): what an implementation
+        # that cannot take every mask draws (cuDNN).
         dt = dtype or draw(S.dtypes())
         n, kh, h = draw(st.sampled_from(layouts))
         t, s = draw(st.sampled_from(ts_pairs))
         b = draw(st.sampled_from([1, 2]))
-        mask = draw(st.sampled_from(MASK_KINDS))
+        mask = draw(st.sampled_from(masks))
         causal = mask != "none"
+        if square_causal and causal:
+            t = s  # [B, S, N, H] queries: jax.nn aligns a causal mask top-left, this op bottom-right
         window = draw(st.sampled_from(WINDOWS)) if causal else None
         # Scores up to ~1e4 (bf16/f32); float16 scores stay below ~1e3 so that q.k before
         # scaling (sqrt(H) times larger) fits under 65504, as it must in HF too.
@@ -159,7 +164,7 @@ def _cases():
         kwargs = {
             "causal": causal,
             "sliding_window": window,
-            "softcap": draw(st.sampled_from([None, None, None, 50.0])),
+            "softcap": draw(st.sampled_from(softcaps)),
             "scale": draw(st.sampled_from([None, None, None, 0.0625])),
             "recipe": recipe or draw(st.sampled_from(RECIPES)),
             # q_chunk: None draws it (mostly the direct path), 0 forces the direct path.
@@ -309,6 +314,20 @@ def pallas_flash(q, k, v, *, q_chunk=None, **kw):
     return pallas_attention(q, k, v, **kw, flash=True, interpret=True, **_INTERPRET_BLOCKS)
 
 
+def cudnn(q, k, v, **kw):
+    """``gqa_attention(implementation="cudnn")``: ``jax.nn.dot_product_attention``'s cuDNN
+    flash kernel, on a CUDA GPU only (elsewhere the kernel raises ValueError)."""
+    from kernels.attention import gqa_attention as kernel
+
+    return kernel(q, k, v, **kw, implementation="cudnn")
+
+
+# What cuDNN honours (kernels.attention._cudnn): recipe fp32_logits, bf16/f16, no mask
+# arrays, no softcap, no q_chunk, causal only with T == S (a sliding window is fine).
+CUDNN_CASES = {"recipe": "fp32_logits", "masks": ("causal", "none"), "softcaps": (None,), "square_causal": True,
+               "q_chunk": 0}
+
+
 def _make_harness():
     from kernels.attention import gqa_attention as kernel
     from oracles.registry import Harness, Implementation
@@ -317,8 +336,11 @@ def _make_harness():
     # the PV matmul): judged against that recipe's oracle, under its own budgets. Half the
     # examples: each case compiles an interpreted Pallas kernel off the GPU.
     flash = Implementation(kernel=pallas_flash, case_opts={"recipe": "fp32_logits"}, examples_scale=0.5)
+    # cuDNN has the same flash numerics, with its own blocking: its own budgets, GPU only.
+    cudnn_impl = Implementation(kernel=cudnn, case_opts=CUDNN_CASES, backends=("gpu",),
+                                dtypes=("bfloat16", "float16"), requires="cuDNN")
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
-                   implementations={"pallas_flash": flash})
+                   implementations={"pallas_flash": flash, "cudnn": cudnn_impl})
 
 
 HARNESS = _make_harness()

@@ -110,7 +110,8 @@ def cmd_check(args) -> int:
                           "rows": [{"op": r.op, "dtype": r.dtype, "recipe": r.recipe,
                                     "implementation": r.implementation, "examples": r.examples,
                                     "failures": r.failures, "measured": r.measured, "budget": r.budget,
-                                    "first_failure": r.first_failure} for r in rows]}, indent=1))
+                                    "first_failure": r.first_failure, "not_run": r.not_run} for r in rows]},
+                         indent=1))
         return EXIT_BREACH if breach else 0
     table = Table(title=f"parity check: {backend()}, seed {args.seed}, {args.examples} examples per op x dtype")
     for col in ("op", "dtype", "recipe", "n", "parity ulps", "mismatch %", "accuracy ratio", "other", "result"):
@@ -127,11 +128,14 @@ def cmd_check(args) -> int:
                  if not k.startswith(("parity.", "accuracy.")) and k in b and b.get(k) != 0]
         bad_kinds = [k for k, ok in r.ok.items() if not ok]
         recipe = (r.recipe or "-") + (f" @{r.implementation}" if r.implementation else "")
+        result = ("[green]pass[/]" if r.passed else f"[red]FAIL[/] ({', '.join(bad_kinds)})") if not r.not_run \
+            else f"[yellow]not run[/] ({r.not_run})"
         table.add_row(r.op, r.dtype, recipe, str(r.examples), pair("parity.max_ulps"),
-                      pair("parity.mismatch_frac", 100), pair("accuracy.ratio"), "; ".join(other),
-                      "[green]pass[/]" if r.passed else f"[red]FAIL[/] ({', '.join(bad_kinds)})")
+                      pair("parity.mismatch_frac", 100), pair("accuracy.ratio"), "; ".join(other), result)
     console.print(table)
-    console.print(f"measured / budget; {len(rows)} rows in {elapsed:.1f} s; tolerances: {tol.path}")
+    idle = sum(bool(r.not_run) for r in rows)
+    console.print(f"measured / budget; {len(rows)} rows" + (f" ({idle} not run on {backend()})" if idle else "")
+                  + f" in {elapsed:.1f} s; tolerances: {tol.path}")
     for r in rows:
         if not r.passed:
             console.print(f"\n[red]{r.key}: {r.failures} of {r.examples} cases over budget; first:[/]")
@@ -170,6 +174,12 @@ def cmd_tighten(args) -> int:
                                     on_case=lambda *_: prog.advance(task), measure_only=True,
                                     implementation=args.implementation)
                         rows.extend(got.values())
+            for r in rows:
+                if r.not_run:
+                    print(f"{r.key}: not measured on {be} ({r.not_run})")
+            rows = [r for r in rows if not r.not_run]
+            if not rows:
+                raise SystemExit(f"parity tighten: nothing to measure on {be} (see above); tolerances.yaml not written")
             changes = tighten.apply_rows(tol, rows, backend=be, margin=args.margin, allow_loosen=args.allow_loosen,
                                          seed=args.seed, profile=args.profile, fresh=args.fresh)
             for c in changes:

@@ -104,12 +104,25 @@ class Harness:
 @dataclass(frozen=True)
 class Implementation:
     """Another kernel of one op: ``kernel`` (called like the op's), the keyword arguments
-    ``case_opts`` its cases are drawn with (e.g. the one recipe it implements) and the
-    share of a sweep's examples it runs."""
+    ``case_opts`` its cases are drawn with (e.g. the one recipe and the masks it
+    implements), the share of a sweep's examples it runs, and where it runs at all:
+    ``backends`` and ``dtypes`` (None: every dtype). Elsewhere it has no budget, and
+    ``parity check`` shows its row as not run, with ``why_not``'s reason."""
 
     kernel: Callable
     case_opts: dict = field(default_factory=dict)
     examples_scale: float = 1.0
+    backends: tuple[str, ...] = ("cpu", "gpu")
+    dtypes: tuple[str, ...] | None = None
+    requires: str = ""  # what it needs, in words, for the reason ("cuDNN")
+
+    def why_not(self, backend: str, dtype: str) -> str:
+        """Why it cannot run on ``backend`` in ``dtype`` ("" when it can)."""
+        if backend not in self.backends:
+            return f"{'/'.join(self.backends)} only" + (f", needs {self.requires}" if self.requires else "")
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"takes {'/'.join(self.dtypes)} only"
+        return ""
 
 
 def harness(op: str) -> Harness:

@@ -31,6 +31,7 @@ class Row:
     budget: dict = field(default_factory=dict)  # measure -> budget value
     ok: dict = field(default_factory=dict)  # judgment kind -> all passed
     first_failure: str = ""
+    not_run: str = ""  # why an implementation did not run here (another backend or dtype); not a failure
 
     @property
     def key(self) -> str:
@@ -68,7 +69,8 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
     """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen.
 
     ``implementation``: sweep that registered implementation of the op (its kernel, its
-    cases, its own budget) instead of the op's kernel.
+    cases, its own budget) instead of the op's kernel. Where it cannot run (another
+    backend or dtype) the one row returned has no examples and says why in ``not_run``.
     ``on_case(case, outcome, budget, judgments)`` is called after each case (progress
     bars, reports). Deterministic for a given seed: ``parity tighten`` relies on it.
     """
@@ -78,6 +80,9 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
     impl = h.implementations.get(implementation) if implementation else None
     if implementation and impl is None:
         raise ValueError(f"{op}: no implementation {implementation!r} (known: {sorted(h.implementations)})")
+    if impl is not None and (why := impl.why_not(be, dtype)):
+        recipe = impl.case_opts.get("recipe")
+        return {recipe: Row(op, dtype, recipe, implementation=implementation, not_run=why)}
     scale = h.examples_scale * (impl.examples_scale if impl else 1.0)
 
     @hyp_seed(seed)

@@ -70,6 +70,26 @@ def test_pallas_flash_within_budget(tolerances, dtype, data):
     check_case(case, tolerances, implementation="pallas_flash")
 
 
+CUDNN = H.implementations["cudnn"]
+
+
+@pytest.mark.parametrize("dtype", CUDNN.dtypes)
+@FLASH
+@given(data=st.data())
+def test_cudnn_within_budget(tolerances, dtype, data):
+    """implementation="cudnn" (jax.nn's cuDNN flash kernel) against the fp32_logits oracle
+    and the float64 truth under its own budget (implementations.cudnn), on the masks it
+    honours. Off a GPU the same cases must be refused for the GPU alone: cuDNN's case
+    strategy draws nothing else that it cannot honour."""
+    case = data.draw(H.cases(dtype=dtype, **CUDNN.case_opts), label="case")
+    if backend() == "gpu":
+        check_case(case, tolerances, implementation="cudnn")
+        return
+    a = _inputs(case)
+    with pytest.raises(ValueError, match=r"cannot honour: a CUDA GPU with cuDNN \(JAX's default backend is 'cpu'\)\."):
+        CUDNN.kernel(a["q"], a["k"], a["v"], **case.kwargs, **{m: a[m] for m in MASK_ARGS})
+
+
 def test_pallas_flash_budget_catches_a_missing_rescale(tolerances, monkeypatch):
     """The budget above can fail: a flash step that forgets to rescale the running PV sum
     when the row max grows (a classic flash-attention bug) breaches it."""

@@ -67,11 +67,30 @@ def test_an_implementation_has_its_own_entry(tmp_path):
         _load(tmp_path, IMPL.replace("seed: 0, date: '2026-11-23'", "date: '2026-11-23'"))
 
 
-def test_committed_implementations_cover_every_dtype_on_both_backends():
+def test_committed_implementations_cover_every_dtype_and_backend_they_run_on():
+    """Each registered implementation has a budget wherever it runs (pallas_flash: every
+    dtype on both backends; cudnn: bf16/f16 on the GPU), and a sweep where it cannot run
+    returns a row that says why instead of running or passing silently."""
+    from oracles.registry import harness
+    from oracles.sweep import sweep
+
     tol = budgets.load()
-    for dt in DTYPES:
-        for be in ("cpu", "gpu"):
-            assert tol.lookup("attention", dt, be, "fp32_logits", implementation="pallas_flash").parity.max_ulps > 0
+    seen = set()
+    for op in OP_NAMES:
+        for name, impl in harness(op).implementations.items():
+            for dt in DTYPES:
+                for be in ("cpu", "gpu"):
+                    why = impl.why_not(be, dt)
+                    if not why:
+                        seen.add((name, be, dt))
+                        assert tol.lookup(op, dt, be, impl.case_opts.get("recipe"), implementation=name)
+                        continue
+                    (row,) = sweep(op, dt, examples=3, seed=0, tolerances=tol, backend=be,
+                                   implementation=name).values()
+                    assert row.not_run == why and row.examples == 0 and row.passed, (name, be, dt, row)
+    assert {("pallas_flash", be, dt) for be in ("cpu", "gpu") for dt in DTYPES} <= seen
+    assert {(n, be, dt) for n, be, dt in seen if n == "cudnn"} == {("cudnn", "gpu", "bfloat16"),
+                                                                  ("cudnn", "gpu", "float16")}
 
 
 @pytest.mark.parametrize(
