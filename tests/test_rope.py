@@ -257,14 +257,14 @@ def test_pallas_kernel_equals_xla_path_bit_for_bit(dtype, shape):
     # Tables whose halves differ (HF's repeat its frequencies; the recipe reads both halves).
     ang = rng.uniform(0, 100, (b, t, r))
     cos, sin = jnp.asarray(np.cos(ang), dtype), jnp.asarray(np.sin(ang), dtype)
-    for block_t in (1, 4):
-        got = pallas_apply_rope(xs, cos, sin, block_t=block_t, interpret=True)
+    for block_t, schedule in ((1, "per_tensor"), (4, "per_tensor"), (2, "loads_first"), (1, "program_per_tensor")):
+        got = pallas_apply_rope(xs, cos, sin, block_t=block_t, schedule=schedule, interpret=True)
         for x, g in zip(xs, got):
             ref = K.apply_rope(x, cos, sin, implementation="xla")
             assert g.dtype == ref.dtype and g.shape == ref.shape
             np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)),
                                           err_msg=f"pallas vs xla apply_rope [{dtype}, x {x.shape}, R {r}, "
-                                                  f"block_t {block_t}]")
+                                                  f"block_t {block_t}, {schedule}]")
 
 
 def test_apply_rope_qk_equals_two_apply_rope_calls():
@@ -299,6 +299,9 @@ def test_pallas_path_refuses_what_it_does_not_compute():
                      jnp.ones((1, 2, 80), jnp.bfloat16), implementation="pallas")
     with pytest.raises(ValueError, match=r"block_t must be a power of two >= 1, got 3"):
         pallas_apply_rope((x16,), t16, t16, block_t=3, interpret=True)
+    with pytest.raises(ValueError, match=r"schedule must be one of \['per_tensor', 'loads_first', 'program_per_tensor'\], "
+                                         r"got 'fused'"):
+        pallas_apply_rope((x16,), t16, t16, schedule="fused", interpret=True)
     with pytest.raises(ValueError, match=r"q and k must share B, T, H and dtype"):
         K.apply_rope_qk(x16, jnp.ones((1, 2, 3, 32), jnp.bfloat16), t16, t16)
 
