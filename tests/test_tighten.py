@@ -181,3 +181,19 @@ def test_committed_file_is_in_the_form_tighten_writes():
         first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), len(have) - 1)  # else: the end
         raise AssertionError(f"tolerances.yaml line {first + 1} is not in tighten's form (ruamel, width 120); "
                              f"write it as tighten would:\n  file:    {have[first]!r}\n  written: {want[first]!r}")
+
+
+def test_tighten_measures_nothing_where_the_implementation_cannot_run(tmp_path, monkeypatch, capsys):
+    """`parity tighten --implementation cudnn` on a backend without cuDNN names each row it
+    could not measure and refuses to write, instead of writing an empty or CPU budget."""
+    from oracles import cli, registry
+
+    path = tmp_path / "tolerances.yaml"
+    path.write_text(budgets.default_path().read_text())
+    monkeypatch.setattr(registry, "backend", lambda: "cpu")  # the same answer on a GPU machine
+    with pytest.raises(SystemExit, match=r"nothing to measure on cpu .* not written"):
+        cli.main(["tighten", "--ops", "attention", "--implementation", "cudnn", "--examples", "1",
+                  "--tolerances", str(path)])
+    out = capsys.readouterr().out
+    assert "attention/bfloat16/fp32_logits@cudnn: not measured on cpu (gpu only, needs cuDNN)" in out
+    assert path.read_text() == budgets.default_path().read_text()
