@@ -42,7 +42,6 @@ import functools
 import json
 import statistics
 import sys
-import traceback
 from pathlib import Path
 
 
@@ -223,8 +222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise
+    main()

@@ -56,7 +56,6 @@ import argparse
 import functools
 import json
 import sys
-import traceback
 from pathlib import Path
 
 
@@ -258,8 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise
+    main()

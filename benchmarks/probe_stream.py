@@ -54,7 +54,6 @@ import argparse
 import functools
 import json
 import sys
-import traceback
 from pathlib import Path
 
 
@@ -282,13 +281,13 @@ def main(argv=None):
             grid = [dict(programs=p, br=b, warps=8, evict=None) for p, b in ((1056, 2), (1056, 1), (1584, 1),
                                                                               (2112, 1), (2112, 2))]
             shipped_cfgs = ((1, 8),)
-        for rnd in range(args.rounds):
+        for turn in range(args.rounds):
             for br, w in shipped_cfgs:
-                record("rms_norm", dict(impl="shipped", block_rows=br, num_warps=w, round=rnd), nbytes,
+                record("rms_norm", dict(impl="shipped", block_rows=br, num_warps=w, round=turn), nbytes,
                        shipped(br, w), sets, ref)
-            record("rms_norm", {"impl": "x + 1", "round": rnd}, nbytes, lambda x, w: x + 1, sets)
+            record("rms_norm", {"impl": "x + 1", "round": turn}, nbytes, lambda x, w: x + 1, sets)
             for c in (grid[:1] if args.smoke else grid):
-                record("rms_norm", dict(impl="persistent", round=rnd, **c), nbytes,
+                record("rms_norm", dict(impl="persistent", round=turn, **c), nbytes,
                        functools.partial(persistent, **c), sets, ref)
 
     for name, rows in res["results"].items():
@@ -300,8 +299,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise
+    main()

@@ -40,6 +40,11 @@ class BudgetError(ValueError):
     """tolerances.yaml is malformed, or has no budget for what was asked."""
 
 
+def key_path(op: str, dtype: str, backend: str, implementation: str | None = None) -> str:
+    """Where an entry lives in tolerances.yaml: ``op.dtype.backend[.implementations.name]``."""
+    return f"{op}.{dtype}.{backend}" + (f".implementations.{implementation}" if implementation else "")
+
+
 def default_path() -> Path:
     """``$PARITY_TOLERANCES``, else ./tolerances.yaml, else the one beside the package."""
     env = os.environ.get("PARITY_TOLERANCES")
@@ -161,8 +166,7 @@ class Tolerances:
             e = self.data[op][dtype][backend]
             return e if implementation is None else e["implementations"][implementation]
         except (KeyError, TypeError):
-            where = f"{op}.{dtype}.{backend}" + (f".implementations.{implementation}" if implementation else "")
-            raise BudgetError(f"{self.path}: no budget for {where}") from None
+            raise BudgetError(f"{self.path}: no budget for {key_path(op, dtype, backend, implementation)}") from None
 
     def lookup(self, op: str, dtype: str, backend: str = "cpu", recipe: str | None = None, *,
                implementation: str | None = None, measure_only: bool = False) -> Budget:
@@ -182,7 +186,7 @@ class Tolerances:
         e = self.entry(op, dtype, backend, implementation)
         parity, accuracy = dict(e["parity"]), dict(e["accuracy"])
         props = dict(e.get("properties") or {})
-        path = f"{op}.{dtype}.{backend}" + (f".implementations.{implementation}" if implementation else "")
+        path = key_path(op, dtype, backend, implementation)
         sub = (e.get("recipes") or {}).get(recipe) if recipe else None
         if sub:
             parity.update(sub.get("parity") or {})

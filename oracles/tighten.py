@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from oracles.budgets import BudgetError, Tolerances, yaml_rt
+from oracles.budgets import BudgetError, Tolerances, key_path, yaml_rt
 from oracles.sweep import Row
 
 READABLE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
@@ -147,13 +147,13 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
     for (op, dt, impl), rs in by_entry.items():
         by_dtype = _section(_section(tol.data, op), dt)
         if impl is None:
-            holder, name, where = by_dtype, backend, f"{op}.{dt}.{backend}"
+            holder, name, where = by_dtype, backend, key_path(op, dt, backend)
             sibling = next(iter(by_dtype.values()), {}) or {}
         else:  # an implementation's own entry, beside the op's budgets on this backend
             if backend not in by_dtype:
                 raise BudgetError(f"{op}.{dt}.{backend}: measure the op itself before its implementation {impl!r}")
             holder, name = _section(by_dtype[backend], "implementations"), impl
-            where = f"{op}.{dt}.{backend}.implementations.{impl}"
+            where = key_path(op, dt, backend, impl)
             sibling = by_dtype[backend]
         created = name not in holder
         if created:
