@@ -73,10 +73,11 @@ torch.compile (mode default, dynamic=False) of the same; torch SDPA with the fla
 cuDNN) backend forced and enable_gqa=True; jax.nn.dot_product_attention with
 implementation "xla" and "cudnn" (native GQA: k/v with K < N heads); torch bf16 cuBLAS
 for lm_head (``torch.matmul`` on w[D,V] and ``F.linear`` on w[V,D], ours in both layouts too)
-and F.linear for linear. The eager peers of the memory-bound ops are
+and F.linear for linear. The eager and torch.compile peers of the memory-bound ops are
 also timed as one CUDA graph over all input sets (rows "..., CUDA graph"), the torch
 twin of the grouped JAX program: eager torch pays a host launch per kernel, which at the
-0.5B shapes can exceed the kernels' own time. Anything that cannot run is recorded with
+0.5B shapes can exceed the kernels' own time, and a call alone on an idle GPU can end
+before its writes leave L2 (probe_peer_timing.py), which back to back they cannot. Anything that cannot run is recorded with
 status "skipped" (not applicable here, e.g. cuDNN on a CPU) or "failed" (it raised),
 and a reason; nothing is dropped silently.
 """
@@ -539,7 +540,12 @@ class Bench:
         if cfn is None:
             status = "failed" if why.startswith("failed") else "skipped"
             return self._finish(self._entry(spec, impl, "peer", status=status, reason=why))
-        return self.run_torch(spec, impl, cfn, sets, ref=ref, to_common=to_common, phase="compile")[0]
+        e = self.run_torch(spec, impl, cfn, sets, ref=ref, to_common=to_common, phase="compile")[0]
+        # Also back to back over every set, as the grouped JAX program runs: a call alone on an
+        # idle GPU can end with its writes still in L2 (0.5B rms_norm: 5.6 us alone, 6.7 back to
+        # back; ours 5.3 / 6.7, benchmarks/results/probe_peer_timing_h100.json).
+        self.run_torch_graph(spec, impl + ", CUDA graph", cfn, sets, ref=ref, to_common=to_common)
+        return e
 
     # --- ceilings -------------------------------------------------------------------
     def ceilings(self, key):
@@ -904,22 +910,28 @@ def op_linear(b: Bench, m: Model, phase: str):
     import kernels
     torch = b.torch
     T, D = m.T, m.D
-    for name, O, bias in (("q_proj", m.N * m.H, True), ("gate_proj", m.F, False)):
-        x = b.randn((T, D))
-        w = b.randn((D, O), D ** -0.5)
+    for name, I, O, bias in (("q_proj", D, m.N * m.H, True), ("gate_proj", D, m.F, False),
+                             ("down_proj", m.F, D, False)):
+        x = b.randn((T, I))
+        w = b.randn((I, O), I ** -0.5)
         bb = b.randn((O,)) if bias else None
         tx, tw_t = b.t(x), b.t(w).t().contiguous()  # nn.Linear's weight is [out, in]
         tb = b.t(bb) if bias else None
-        spec = dict(op=f"linear_{name}", model=m.name, shape=f"x[{T},{D}] @ w[{D},{O}]" + (" + b" if bias else ""),
-                    flops=2 * T * D * O, bytes=(T * D + D * O + T * O + (O if bias else 0)) * BF, bound="compute")
+        spec = dict(op=f"linear_{name}", model=m.name, shape=f"x[{T},{I}] @ w[{I},{O}]" + (" + b" if bias else ""),
+                    flops=2 * T * I * O, bytes=(T * I + I * O + T * O + (O if bias else 0)) * BF, bound="compute")
         with torch.inference_mode():
             ref = torch.nn.functional.linear(tx, tw_t, tb)
         b.run_torch(spec, "torch F.linear bf16 (cuBLAS)", torch.nn.functional.linear,
                     [(tx, tw_t, tb)], ref=ref)
-        if bias:
-            b.run_jax(spec, "kernels.linear", lambda x, w, c: kernels.linear(x, w, c), [(x, w, bb)], ref=ref)
-        else:
-            b.run_jax(spec, "kernels.linear", lambda x, w: kernels.linear(x, w), [(x, w)], ref=ref)
+        # The default (on a Hopper GPU: the mosaic GEMM where the shape tiles) and the XLA path.
+        for impl in (None, "xla"):
+            label = "kernels.linear" + (f"(implementation={impl})" if impl else "")
+            if bias:
+                b.run_jax(spec, label, lambda x, w, c, impl=impl: kernels.linear(x, w, c, implementation=impl),
+                          [(x, w, bb)], ref=ref)
+            else:
+                b.run_jax(spec, label, lambda x, w, impl=impl: kernels.linear(x, w, implementation=impl), [(x, w)],
+                          ref=ref)
         del x, w, bb, tx, tw_t, tb, ref
         b.free()
 

@@ -56,18 +56,20 @@ def lm_head(h: torch.Tensor, w: torch.Tensor, *, logits_dtype: str | None = None
 
 # --- harness: how the registry, the tests and ``parity check`` drive this op ---------
 
-def drive(x, w, b=None, *, recipe: str = "linear", w_layout: str = "DV"):
+def drive(x, w, b=None, *, recipe: str = "linear", w_layout: str = "DV", implementation: str | None = None):
     """The registry's kernel for ``projection``: one entry point over the JAX functions.
 
-    ``recipe`` picks the function (``"linear"``: ``linear(x, w, b)``; ``"lm_head"`` /
-    ``"lm_head_f32"``: ``lm_head(x, w, logits_dtype=None / "float32", w_layout=w_layout)``).
-    Mutants (``oracles/mutants/projection.py``) replace this whole function.
+    ``recipe`` picks the function (``"linear"``: ``linear(x, w, b, implementation=...)``;
+    ``"lm_head"`` / ``"lm_head_f32"``: ``lm_head(x, w, logits_dtype=None / "float32",
+    w_layout=w_layout)``). Mutants (``oracles/mutants/projection.py``) replace this whole function.
     """
     from kernels.projection import linear as k_linear
     from kernels.projection import lm_head as k_lm_head
 
     if recipe == "linear":
-        return k_linear(x, w, b)
+        return k_linear(x, w, b, implementation=implementation)
+    if implementation is not None:
+        raise ValueError(f"projection: implementation={implementation!r} applies to recipe 'linear' only")
     if b is not None:
         raise ValueError(f"projection: recipe {recipe!r} takes no bias")
     return k_lm_head(x, w, logits_dtype="float32" if recipe == "lm_head_f32" else None, w_layout=w_layout)
@@ -76,6 +78,11 @@ def drive(x, w, b=None, *, recipe: str = "linear", w_layout: str = "DV"):
 # (lead, I, O) for linear: real q/k/v/o shapes of Qwen2.5 (q/o: D -> N*H, k/v: D -> K*H).
 LINEAR_SHAPES = (((4,), 896, 896), ((2, 3), 896, 128), ((7,), 1536, 256), ((1,), 3584, 512),
                  ((3,), 2048, 256), ((4,), 64, 128), ((2, 5), 128, 64), ((1,), 5120, 1024))
+# (lead, I, O) that implementation="mosaic" tiles (kernels.linear_mosaic: rows and O
+# divisible by a 128 x 128, 128 x 256 or 256 x 128 block, I by 64): the 0.5B-7B q/k/v/o,
+# MLP and down widths at 128-384 rows, 2-D and 3-D.
+MOSAIC_SHAPES = (((128,), 896, 896), ((2, 128), 896, 128), ((256,), 1536, 256), ((128,), 3584, 512),
+                 ((384,), 2048, 256), ((128,), 64, 1024), ((256,), 4864, 896), ((128,), 896, 4864))
 # (lead, D, V) for lm_head: the real vocabularies (151936, 152064) with few rows and a small D.
 HEAD_SHAPES = (((1,), 64, 152064), ((2,), 128, 151936), ((4,), 896, 4096), ((3,), 64, 32000),
                ((2, 2), 256, 1000))
@@ -88,13 +95,13 @@ def _cases():
     from oracles.registry import Case
 
     @st.composite
-    def cases(draw, dtype=None, recipe=None):
+    def cases(draw, dtype=None, recipe=None, linear_shapes=LINEAR_SHAPES):
         dt = dtype or draw(S.dtypes())
         rc = recipe or draw(st.sampled_from(RECIPES))
         xp = draw(S.activation_params(specials=False))
         xp["special"] = draw(st.sampled_from(["none"] * 8 + ["nan", "inf"]))
         if rc == "linear":
-            lead, i, o = draw(st.sampled_from(LINEAR_SHAPES))
+            lead, i, o = draw(st.sampled_from(linear_shapes))
             bias = draw(st.sampled_from([True, True, False]))
             w_layout = "DV"
             shapes = {"x": (*lead, i), "w": (i, o), **({"b": (o,)} if bias else {})}
@@ -197,10 +204,23 @@ def _properties(case, outcome, budget):
                      f"(a near-tie only if within {lim:g})")]
 
 
-def _make_harness():
-    from oracles.registry import Harness
+def mosaic(x, w, b=None, **kw):
+    """``linear(implementation="mosaic")``: one Hopper GEMM that adds the bias and rounds in
+    its epilogue (kernels.linear_mosaic); on a Hopper GPU only (elsewhere ValueError)."""
+    return drive(x, w, b, **kw, implementation="mosaic")
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties)
+
+# What the mosaic GEMM takes: recipe linear, bf16/f16, the shapes it tiles.
+MOSAIC_CASES = {"recipe": "linear", "linear_shapes": MOSAIC_SHAPES}
+
+
+def _make_harness():
+    from oracles.registry import Harness, Implementation
+
+    mosaic_impl = Implementation(kernel=mosaic, case_opts=MOSAIC_CASES, backends=("gpu",),
+                                 dtypes=("bfloat16", "float16"), requires="a Hopper GPU")
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties,
+                   implementations={"mosaic": mosaic_impl})
 
 
 HARNESS = _make_harness()

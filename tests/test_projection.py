@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from kernels.projection import linear as k_linear
 from kernels.projection import lm_head as k_lm_head
 from oracles.arrays import TORCH_DTYPES, to_torch
-from oracles.projection import RECIPES, _inputs
+from oracles.projection import MOSAIC_CASES, RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
-from oracles.registry import active_kernel, check_case, harness, jitted
+from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
 from tests.strategies import DTYPES
 
 H = harness("projection")
@@ -31,6 +31,63 @@ def test_kernel_within_budget(tolerances, dtype, recipe, data):
     """Parity, accuracy, finiteness (f16 outputs up to 2 x 65504), dtype and shape; lm_head argmax."""
     case = data.draw(H.cases(dtype=dtype, recipe=recipe), label="case")
     check_case(case, tolerances, kernel=kernel)
+
+
+MOSAIC = H.implementations["mosaic"]
+
+
+@pytest.mark.parametrize("dtype", MOSAIC.dtypes)
+@given(data=st.data())
+def test_mosaic_within_budget(tolerances, dtype, data):
+    """implementation="mosaic" (the Hopper GEMM rounding in its epilogue) against the oracle
+    and the float64 truth under its own budget (implementations.mosaic), on the shapes it
+    tiles. Off a GPU the same cases must be refused, naming the Hopper GPU: its case
+    strategy draws nothing else it cannot take."""
+    case = data.draw(H.cases(dtype=dtype, **MOSAIC.case_opts), label="case")
+    if backend() == "gpu":
+        check_case(case, tolerances, implementation="mosaic")
+        return
+    inp = _inputs(case)
+    with pytest.raises(ValueError, match=r"implementation='mosaic' needs a Hopper GPU \(compute capability 9\.x; "):
+        MOSAIC.kernel(inp["x"], inp["w"], inp.get("b"), **case.kwargs)
+
+
+def _bias_after_rounding(acc, bias, dt):
+    """A mutant of kernels.linear_mosaic._epilogue: the bias added after a first rounding
+    (torch's order is the other way round; it moves ~25% of bf16 outputs by an ulp)."""
+    r = acc.astype(dt).astype(jnp.float32)  # the extra rounding
+    return (r if bias is None else r + bias).astype(dt)
+
+
+def test_mosaic_budget_catches_the_bias_added_after_rounding(tolerances, monkeypatch):
+    """The mosaic budget can fail: the kernel with its epilogue mutated (the bias added after
+    a first rounding) breaches it on a GPU. Off a GPU, where the kernel cannot run, the
+    mutant is checked to be a real change of the epilogue: on this case's exact float32
+    accumulator it moves outputs that the real epilogue leaves on the oracle's bits."""
+    import kernels.linear_mosaic as lm
+
+    case = Case(op="projection", dtype="bfloat16", shapes={"x": (128, 896), "w": (896, 896), "b": (896,)},
+                kwargs={"recipe": "linear", "w_layout": "DV"},
+                data={"x": {"seed": 5, "log10_scale": [0, 0], "outliers": 0, "outlier_mult": 20.0, "tiny_rows": False,
+                            "special": "none"}, "w_std": "fan_in",
+                      "b_scale": 3.0, "fp16_headroom": 0.9})
+    if backend() == "gpu":
+        check_case(case, tolerances, implementation="mosaic")  # the real kernel passes
+        jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
+        monkeypatch.setattr(lm, "_epilogue", _bias_after_rounding)
+        with pytest.raises(AssertionError, match="parity"):
+            check_case(case, tolerances, implementation="mosaic")
+        jax.clear_caches()
+        return
+    inp = _inputs(case)
+    x, w, b = (np.asarray(inp[k], np.float64) for k in ("x", "w", "b"))
+    acc = jnp.asarray(x @ w, jnp.float32)  # the sum a float32 accumulator holds, to 1 f32 rounding
+    bias = jnp.broadcast_to(jnp.asarray(b, jnp.float32), acc.shape)
+    oracle = o_linear(to_torch(inp["x"]), to_torch(inp["w"]), to_torch(inp["b"])).float().numpy()
+    real = np.asarray(lm._epilogue(acc, bias, jnp.bfloat16).astype(jnp.float32))
+    mutant = np.asarray(_bias_after_rounding(acc, bias, jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(real != oracle) < 0.01, "the real epilogue on an exact accumulator is the oracle's recipe"
+    assert np.mean(mutant != oracle) > 0.1, "the mutant must move a budget-visible share of outputs"
 
 
 @given(case=H.cases(recipe="linear"))
@@ -180,6 +237,8 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), jnp.zeros((8,), jnp.float16)), r"b must have the dtype of x \(float32\), got float16"),
         (lambda: k_linear(jnp.zeros((2, 64), jnp.int32), jnp.zeros((64, 8))), r"x must have a floating dtype.*got int32"),
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), precision="tf32"), r"precision must be one of"),
+        (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), implementation="cublas"), r"implementation must be one of \[None, 'xla', 'mosaic'\], got 'cublas'"),
+        (lambda: k_linear(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16), precision="default", implementation="mosaic"), r"precision='default' applies to implementation='xla'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((100, 64))), r"w must have shape \[D, V\] \(w_layout='DV'\) with D = 64.*got \(100, 64\)"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="VD"), r"w must have shape \[V, D\] \(w_layout='VD'\) with D = 64.*got \(64, 100\)"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="vd"), r"w_layout must be one of \['DV', 'VD'\], got 'vd'"),
@@ -189,3 +248,18 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
 def test_bad_input_raises_value_error(fn, match):
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, dtype, named", [
+    ((128, 64), (64, 128), jnp.float32, r"bfloat16/float16 inputs \(got float32; float32 stays on XLA"),
+    ((100, 64), (64, 128), jnp.bfloat16, r"K % 64 == 0 and \[rows, N\] divisible by one of the blocks .* \(got rows = 100, K = 64, N = 128\)"),
+    ((2, 64, 96), (96, 256), jnp.float16, r"K % 64 == 0 .* \(got rows = 128, K = 96, N = 256\)"),
+])
+def test_mosaic_refuses_what_it_cannot_take(x_shape, w_shape, dtype, named):
+    """implementation='mosaic' never falls back silently: off a Hopper GPU it names the GPU;
+    on one, the dtype or the shape it cannot tile."""
+    x, w = jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype)
+    if backend() != "gpu":
+        named = r"a Hopper GPU \(compute capability 9\.x; JAX's default device is 'cpu'\)"
+    with pytest.raises(ValueError, match=r"linear: implementation='mosaic' needs " + named):
+        k_linear(x, w, implementation="mosaic")
