@@ -37,7 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels._checks import require_choice
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SEMANTICS = ("warpgroup", "lane")
 TILE_K = 64  # K a step: 64 bf16 = 128 bytes, one 128-byte swizzle row
 EPI = 64  # the epilogue's staging tile, EPI x EPI
 MEMORY_REGISTERS = 40  # registers a thread of the memory warpgroup keeps (the rest go to compute)
@@ -215,7 +218,13 @@ def _call(x2, w, b, *, t: Tiling, num_sms: int, semantics: str):
 def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, semantics: str = "warpgroup"
                   ) -> jax.Array:
     """``kernels.linear(x, w, b)`` (same recipe; arguments checked there) as the Hopper GEMM
-    above. ValueError, naming what is missing, where :func:`supports` refuses the call."""
+    above. ValueError, naming what is missing, where :func:`supports` refuses the call.
+
+    ``semantics``: Mosaic GPU's lowering, ``"warpgroup"`` or ``"lane"``; both lower this
+    kernel to the same bits at the same speed (probe_mosaic_gemm.py), the choice is kept so
+    that a JAX release that breaks one can be checked against the other.
+    """
+    require_choice("semantics", semantics, SEMANTICS, op="linear")
     why = supports(x.shape, w.shape, x.dtype)
     if why:
         raise ValueError(f"linear: implementation='mosaic' needs {why}; use implementation='xla'")

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kernels.linear_mosaic import mosaic_linear
 from kernels.projection import linear as k_linear
 from kernels.projection import lm_head as k_lm_head
 from oracles.arrays import TORCH_DTYPES, to_torch
@@ -237,6 +238,7 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), jnp.zeros((8,), jnp.float16)), r"b must have the dtype of x \(float32\), got float16"),
         (lambda: k_linear(jnp.zeros((2, 64), jnp.int32), jnp.zeros((64, 8))), r"x must have a floating dtype.*got int32"),
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), precision="tf32"), r"precision must be one of"),
+        (lambda: mosaic_linear(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16), semantics="thread"), r"linear: semantics must be one of \['warpgroup', 'lane'\], got 'thread'"),
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), implementation="cublas"), r"implementation must be one of \[None, 'xla', 'mosaic'\], got 'cublas'"),
         (lambda: k_linear(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16), precision="default", implementation="mosaic"), r"precision='default' applies to implementation='xla'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((100, 64))), r"w must have shape \[D, V\] \(w_layout='DV'\) with D = 64.*got \(100, 64\)"),
