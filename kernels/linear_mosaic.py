@@ -24,7 +24,7 @@ specialised pipeline). The epilogue rounds the accumulator, stages it in shared 
 
 Hopper (compute capability 9.x) only: wgmma and TMA. bf16/f16 only (wgmma's float32
 inputs are TF32). Shapes: x ``[M, K]`` with K % 64 == 0 and M, N divisible by a tiling's
-block (:func:`tiling`); :func:`supports` says whether a call fits, and why not.
+block (:func:`tiling`); :func:`why_not` says why a call does not fit ("" when it does).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def supports(x_shape, w_shape, dtype) -> str:
+def why_not(x_shape, w_shape, dtype) -> str:
     """Why :func:`mosaic_linear` cannot take this call here ("" when it can)."""
     if not hopper():
         return f"a Hopper GPU (compute capability 9.x; JAX's default device is {jax.devices()[0].device_kind!r})"
@@ -218,14 +218,14 @@ def _call(x2, w, b, *, t: Tiling, num_sms: int, semantics: str):
 def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, semantics: str = "warpgroup"
                   ) -> jax.Array:
     """``kernels.linear(x, w, b)`` (same recipe; arguments checked there) as the Hopper GEMM
-    above. ValueError, naming what is missing, where :func:`supports` refuses the call.
+    above. ValueError, naming what is missing, where :func:`why_not` names a reason.
 
     ``semantics``: Mosaic GPU's lowering, ``"warpgroup"`` or ``"lane"``; both lower this
     kernel to the same bits at the same speed (probe_mosaic_gemm.py), the choice is kept so
     that a JAX release that breaks one can be checked against the other.
     """
     require_choice("semantics", semantics, SEMANTICS, op="linear")
-    why = supports(x.shape, w.shape, x.dtype)
+    why = why_not(x.shape, w.shape, x.dtype)
     if why:
         raise ValueError(f"linear: implementation='mosaic' needs {why}; use implementation='xla'")
     k, n = w.shape

@@ -85,14 +85,14 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
             raise ValueError(f"linear: b must have shape [O] = ({w.shape[1]},), got {tuple(b.shape)}")
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="linear")
     if implementation != "xla":
-        from kernels.linear_mosaic import mosaic_linear, supports
+        from kernels.linear_mosaic import mosaic_linear, why_not
 
         if implementation == "mosaic":
             if precision != "highest":
                 raise ValueError(f"linear: precision={precision!r} applies to implementation='xla' (the mosaic "
                                  f"GEMM always sums bf16/f16 products in float32)")
             return mosaic_linear(x, w, b)
-        if precision == "highest" and not supports(x.shape, w.shape, x.dtype):
+        if precision == "highest" and not why_not(x.shape, w.shape, x.dtype):  # it fits
             return mosaic_linear(x, w, b)
     if precision == "highest":
         acc = dot_f32(x, w)  # f32 [..., O], the accurate float32 accumulation (kernels._dot)

@@ -15,7 +15,7 @@ from kernels.linear_mosaic import mosaic_linear
 from kernels.projection import linear as k_linear
 from kernels.projection import lm_head as k_lm_head
 from oracles.arrays import TORCH_DTYPES, to_torch
-from oracles.projection import MOSAIC_CASES, RECIPES, _inputs
+from oracles.projection import RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
 from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
