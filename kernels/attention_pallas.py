@@ -639,18 +639,7 @@ def _flash_decode(q, qr, k, v, mask_in, mask_specs, kv_spec, part, params, commo
     )(*mask_in, qr, k, v)  # [B, K, n_split, Rp] x 2, [B, n_split, K, Rp, Hp]
     # The splits combined by a second, small kernel (XLA made three fusions of it: 4 us of a
     # 30 us 7B step, benchmarks/results/probe_decode_flash_h100.json).
-    hb = min(hp, _COMBINE_COLS)
-    out = pl.pallas_call(
-        functools.partial(_flash_combine_kernel, rows=rows, hb=hb),
-        out_shape=jax.ShapeDtypeStruct((b, n * t, hp), q.dtype),  # q's packed rows: kv head c's at c * G * T
-        grid=(b, kh, hp // hb),
-        in_specs=[pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
-                  pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
-                  pl.BlockSpec((sq, n_split, sq, rp, hb), lambda bi, c, i: (bi, 0, c, 0, i))],
-        out_specs=pl.no_block_spec,  # whole: each program stores its head's real rows (masked)
-        compiler_params=plgpu.CompilerParams(num_warps=_COMBINE_WARPS, num_stages=1), interpret=interpret,
-        name="pallas_decode_flash_combine",
-    )(m_part, l_part, acc)  # [B, N*T, Hp]
+    out = combine_splits(m_part, l_part, acc, rows=rows, dtype=q.dtype, interpret=interpret)  # [B, N*T, Hp]
     if hp != h:
         out = out[:, :, :h]  # [B, N*T, H]
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)  # [B, N, T, H] -> [B, T, N, H] (T = 1: a bitcast)
@@ -658,6 +647,30 @@ def _flash_decode(q, qr, k, v, mask_in, mask_specs, kv_spec, part, params, commo
 
 _COMBINE_COLS = 16  # head-dim columns a combine program sums (a 7B step: 4 x 8 programs)
 _COMBINE_WARPS = 4
+
+
+def combine_splits(m_part, l_part, acc, *, rows: int, dtype, interpret: bool = False) -> jax.Array:
+    """The split-key flash partials summed: ``m_part``/``l_part`` ``[B, K, n_split, Rp]`` (each
+    split's row max and row sum) and ``acc`` ``[B, n_split, K, Rp, Hp]`` (its unnormalised
+    f32 ``p @ v``), of which each kv head's first ``rows`` rows are real, give
+    ``[B, K * rows, Hp]`` in ``dtype`` (:func:`_flash_combine_kernel`). Also the combine of
+    the Mosaic GPU decode kernel probed in benchmarks/mosaic_decode_kernel.py, which writes
+    the same partials."""
+    b, kh, n_split, rp = m_part.shape
+    hp = acc.shape[-1]
+    hb = min(hp, _COMBINE_COLS)
+    sq = pl.squeezed
+    return pl.pallas_call(
+        functools.partial(_flash_combine_kernel, rows=rows, hb=hb),
+        out_shape=jax.ShapeDtypeStruct((b, kh * rows, hp), dtype),  # q's packed rows: kv head c's at c * rows
+        grid=(b, kh, hp // hb),
+        in_specs=[pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
+                  pl.BlockSpec((sq, sq, n_split, rp), lambda bi, c, i: (bi, c, 0, 0)),
+                  pl.BlockSpec((sq, n_split, sq, rp, hb), lambda bi, c, i: (bi, 0, c, 0, i))],
+        out_specs=pl.no_block_spec,  # whole: each program stores its head's real rows (masked)
+        compiler_params=plgpu.CompilerParams(num_warps=_COMBINE_WARPS, num_stages=1), interpret=interpret,
+        name="pallas_decode_flash_combine",
+    )(m_part, l_part, acc)  # [B, K*rows, Hp]
 
 
 def _flash_combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, rows, hb):

@@ -115,13 +115,21 @@ class Implementation:
     backends: tuple[str, ...] = ("cpu", "gpu")
     dtypes: tuple[str, ...] | None = None
     requires: str = ""  # what it needs, in words, for the reason ("cuDNN")
+    # What the device JAX runs on lacks, in words ("" when nothing), asked only when
+    # ``be`` is the backend this process runs on: a GPU kernel for one architecture
+    # (the Hopper GEMM) is "not run" on other GPUs rather than failing its budget.
+    device_lacks: Callable[[], str] | None = None
 
-    def why_not(self, backend: str, dtype: str) -> str:
-        """Why it cannot run on ``backend`` in ``dtype`` ("" when it can)."""
-        if backend not in self.backends:
+    def why_not(self, be: str, dtype: str) -> str:
+        """Why it cannot run on backend ``be`` in ``dtype`` ("" when it can)."""
+        if be not in self.backends:
             return f"{'/'.join(self.backends)} only" + (f", needs {self.requires}" if self.requires else "")
         if self.dtypes is not None and dtype not in self.dtypes:
             return f"takes {'/'.join(self.dtypes)} only"
+        if self.device_lacks is not None and be == backend():
+            lacks = self.device_lacks()
+            if lacks:
+                return f"needs {lacks}"
         return ""
 
 

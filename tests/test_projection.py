@@ -265,3 +265,23 @@ def test_mosaic_refuses_what_it_cannot_take(x_shape, w_shape, dtype, named):
         named = r"a Hopper GPU \(compute capability 9\.x; JAX's default device is 'cpu'\)"
     with pytest.raises(ValueError, match=r"linear: implementation='mosaic' needs " + named):
         k_linear(x, w, implementation="mosaic")
+
+
+def test_mosaic_is_not_run_on_a_gpu_that_is_not_hopper(tolerances, monkeypatch):
+    """On a GPU without wgmma (an A100, say) the mosaic GEMM's budget rows say "not run"
+    and name the Hopper GPU, rather than running a kernel that cannot compile there and
+    failing; on a Hopper GPU the same question has no answer ("")."""
+    import kernels.linear_mosaic as lm
+    import oracles.registry as registry
+    from oracles.sweep import sweep
+
+    monkeypatch.setattr(registry, "backend", lambda: "gpu")  # as if JAX ran on a GPU ...
+    monkeypatch.setattr(lm, "hopper", lambda: False)  # ... that is not a Hopper
+    why = MOSAIC.why_not("gpu", "bfloat16")
+    assert why == "needs a Hopper GPU (compute capability 9.x)"
+    (row,) = sweep("projection", "bfloat16", examples=3, seed=0, tolerances=tolerances, backend="gpu",
+                   implementation="mosaic").values()
+    assert row.not_run == why and row.examples == 0
+    assert MOSAIC.why_not("cpu", "bfloat16") == "gpu only, needs a Hopper GPU"  # not asked off its backend
+    monkeypatch.setattr(lm, "hopper", lambda: True)
+    assert MOSAIC.why_not("gpu", "bfloat16") == ""

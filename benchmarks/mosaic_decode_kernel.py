@@ -1,0 +1,280 @@
+"""A decode step of ``gqa_attention`` with flash numerics as one Hopper kernel (Pallas on
+Mosaic GPU): the kernel that ``probe_decode_mosaic.py`` measures, not (yet) an
+implementation of ``gqa_attention``: 4.5% faster than the Triton flash kernel, short of
+the 0.85 of copy it was written for (see there).
+
+Why it was tried: a decode step only streams the KV cache, and the Triton flash kernel
+(``pallas_attention(flash=True)``) streams it at 0.86 of copy bandwidth with its own
+loads, where a bare TMA read of the same 64 MiB reaches 0.93: a 7B step (S = 32768)
+takes 28.5 us with the split combine, 0.78 of copy; with this kernel 27.2 (0.82). Here the cache is read by TMA: a
+memory warpgroup keeps ``stages`` key blocks of k and v in flight in shared memory while
+``wgs`` compute warpgroups run the two products on the tensor cores (wgmma).
+
+Numerics: flash attention's, step for step those of ``pallas_attention(flash=True)``
+(``_flash_step``) for recipe ``"fp32_logits"``, one kv head's G query rows (zero-padded
+to wgmma's 64 rows) against one split of the keys:
+
+    1. ``s = (q . k) * scale``                 wgmma, f32 accumulation; the scale in f32
+    2. ``m_new = max(m, max_k s)``             the running row max (f32)
+    3. ``alpha = exp(m - m_new)``, ``e = exp(s - m_new)``   f32 (1 exactly while the max stays)
+    4. ``l = l * alpha + sum_k e``             the row sum, of the unrounded e
+    5. ``acc = acc * alpha + dt(e) @ v``       p rounded to the input dtype for the tensor
+                                               cores (flash attention's ``P.to(dt)``), the
+                                               product accumulated in f32 from zero
+    6. each split's ``(m, l, acc)`` -> ``attention_pallas.combine_splits``: the splits
+       rescaled to the global max, ``o = dt(sum acc / sum l)``, one rounding.
+
+Its bits are not the recipe's (normalised after the PV sum); with the Triton kernel's
+splits and blocks they match it on 99.9% of outputs (1 ulp elsewhere; ``approx=True``:
+99.8%, exp as ex2.approx like Triton's).
+
+What it takes (:func:`why_not` names what is missing): a Hopper GPU (compute
+capability 9.x), bf16/f16, one query (T = 1), the default masks (every key visible: no
+``kv_valid``, positions, segments, window or softcap), H a multiple of 64, G <= 64 query
+heads per kv head, and S a multiple of the key block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.linear_mosaic import hopper
+
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+ROWS = 64  # one warpgroup's wgmma M: a kv head's G query rows, zero-padded
+BLOCK_K = 64  # keys a step (k and v tiles of 64 x H)
+STAGES = 2  # key blocks in flight: 2 fastest for 7B (25.0 us against 25.5-25.6 with 3-4), 3 for 0.5B
+Q_MODES = ("rows", "padded")
+# Compute warpgroups: with 2, each takes every other key block with its own partial sums;
+# measured slower than 1 (7B: 27.3 against 25.9 us, results/probe_decode_mosaic_read_h100.json).
+WARPGROUPS = 1
+
+
+def default_splits(s: int, kh: int, *, block_k: int, num_sms: int) -> int:
+    """Splits of the keys a (batch row, kv head): the largest power of two with
+    ``K * splits <= num_sms`` (one program a SM) whose key chunks hold whole blocks."""
+    n = 1
+    while kh * n * 2 <= num_sms:
+        n *= 2
+    while n > 1 and s % (n * block_k * WARPGROUPS):
+        n //= 2
+    return n
+
+
+def why_not(q_shape, k_shape, dtype, *, block_k: int = BLOCK_K) -> str:
+    """Why :func:`mosaic_decode` cannot take ``q [B,T,N,H]``, ``k [B,S,K,H]`` here ("" when it can)."""
+    if not hopper():
+        return f"a Hopper GPU (compute capability 9.x; JAX's default device is {jax.devices()[0].device_kind!r})"
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"bfloat16/float16 inputs (got {jnp.dtype(dtype).name})"
+    _, t, n, h = q_shape
+    s, kh = k_shape[1], k_shape[2]
+    if t != 1:
+        return f"one query a batch row, a decode step (got T = {t})"
+    if h % 64:
+        return f"a head dim that is a multiple of 64 (got H = {h})"
+    if n // kh > ROWS:
+        return f"at most {ROWS} query heads per kv head (got {n // kh})"
+    if s % block_k:
+        return f"a key length that is a multiple of the key block {block_k} (got S = {s})"
+    return ""
+
+
+def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp, block_k, steps, stages, wgs,
+            q_mode):
+    """One (key split, kv head, batch row) program: warpgroups ``0 .. wgs - 1`` compute, each
+    on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    (q_plain, q_smem, k_smem, v_smem, o_smem, ml_smem), (k_full, v_full, q_full, q_ready, o_turn), (k_free, v_free) = scoped
+    j, c, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    dt = k_ref.dtype
+    h = k_ref.shape[-1]
+    key0 = j * (steps * block_k)  # this split's first key
+
+    @pl.when(wg < wgs)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+
+        @pl.when(wg == 0)
+        def _stage_q():  # q into wgmma's swizzled layout, once, for every compute warpgroup
+            if q_mode == "rows":  # the head's G rows (TMA, issued first by the memory warpgroup), swizzled
+                # Rows rp.. of q_plain stay as they are: wgmma's rows are independent and
+                # the softmax is per row, so they only reach rows that are never stored.
+                plgpu.barrier_wait(q_full)
+                q_smem[...] = plgpu.load(q_plain, (), layout=plgpu.Layout.WGMMA)  # [ROWS, H], through registers
+                plgpu.commit_smem()  # visible to the tensor cores
+            else:  # q padded by XLA: [B, K, ROWS, H]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, c], q_smem, q_full)
+                plgpu.barrier_wait(q_full)
+            if wgs > 1:
+                plgpu.barrier_arrive(q_ready)
+
+        if wgs > 1:
+            @pl.when(wg > 0)
+            def _wait_q():
+                plgpu.barrier_wait(q_ready)
+
+        scale32 = jnp.float32(scale)
+
+        def step(t, carry):
+            m, l, acc = carry
+            i = t * wgs + wg  # this warpgroup's t-th key block
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_full.at[slot])
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return s_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk] f32: step 1's q . k
+            plgpu.barrier_arrive(k_free.at[slot])  # the product has read this k tile
+            s = s * scale32  # step 1's scale, in f32
+            m_new = jnp.maximum(m, s.max(axis=1))  # [ROWS] step 2
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no finite score yet: avoid -inf - -inf
+            alpha = jnp.exp(m - m_use)  # [ROWS] step 3
+            e = jnp.exp(s - lax.broadcast_in_dim(m_use, s.shape, [0]))  # [ROWS, bk] f32
+            l = l * alpha + e.sum(axis=1)  # [ROWS] step 4
+            p = e.astype(dt)  # step 5's one rounding of p, for the tensor cores
+            plgpu.barrier_wait(v_full.at[slot])
+
+            def pv(o_acc):
+                plgpu.wgmma(o_acc, p, v_smem.at[slot])
+
+            zero = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+            pv_sum = pl.run_state(pv)(plgpu.ACC.init(zero))  # [ROWS, H] f32, summed from zero
+            plgpu.barrier_arrive(v_free.at[slot])
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_sum  # [ROWS, H] step 5
+            return m_new, l, acc
+
+        m0 = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc0 = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+        m, l, acc = lax.fori_loop(0, steps // wgs, step, (m0, l0, acc0))
+        # This warpgroup's partials (part j * wgs + wg), the head's rp rows only: staged in
+        # shared memory, stored by TMA; the compute warpgroups take the one staging buffer in turn.
+        part = j * wgs + wg
+        if wgs > 1:
+            @pl.when(wg > 0)
+            def _my_turn():
+                plgpu.barrier_wait(o_turn)
+        o_smem[...] = acc
+        ml_smem.at[wg, 0][...] = m
+        ml_smem.at[wg, 1][...] = l
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rp)], acc_ref.at[b, part, c])
+        plgpu.copy_smem_to_gmem(ml_smem.at[wg, 0, pl.ds(0, rp)], m_ref.at[b, c, part])
+        plgpu.copy_smem_to_gmem(ml_smem.at[wg, 1, pl.ds(0, rp)], l_ref.at[b, c, part])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=wgs > 1)
+        if wgs > 1:
+            @pl.when(wg == 0)
+            def _next_turn():
+                plgpu.barrier_arrive(o_turn)
+            plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(i, slot):
+            keys = (b, pl.ds(key0 + i * block_k, block_k), c)  # [bk, H], rows K * H apart in the cache
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_full.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_full.at[slot])
+
+        if q_mode == "rows":  # q first: 1-row tiles take rows of a [B, N, H] q whatever N is
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(c * g, rp)], q_plain.at[pl.ds(0, rp)], q_full)
+        for i in range(stages):  # the first `stages` blocks into empty slots
+            fetch(i, i)
+
+        @pl.loop(0, steps - stages)
+        def _refill(i):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(i + stages, slot)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "stages", "wgs", "q_mode", "approx"))
+def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from kernels.attention_pallas import combine_splits
+
+    b, _, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    rp = -(-g // 8) * 8  # the head's rows stored: whole 8-row tiles
+    steps = s // (block_k * num_splits)
+    stages = min(stages, steps)
+    parts = num_splits * wgs  # partial sums a head: one a compute warpgroup of each split
+    if q_mode == "rows":
+        qq = q.reshape(b, n, h)  # [B, N, H]: T = 1, a bitcast
+    else:
+        qq = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, ROWS - g), (0, 0)))  # [B, K, ROWS, H]
+    swz = 128  # bytes: a 64-element bf16/f16 row
+    tr = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
+    o_tr = (plgpu.TilingTransform((8, swz // 4)), plgpu.SwizzleTransform(swz))  # f32
+    dt = q.dtype
+
+    def entry(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
+        q_tr = (plgpu.TilingTransform((1, swz // 2)), plgpu.SwizzleTransform(swz))
+        scratch = [plgpu.SMEM((ROWS, h), dt, transforms=q_tr),  # q as loaded: the head's rows over zeros
+                   plgpu.SMEM((ROWS, h), dt, transforms=tr),  # q, wgmma's operand
+                   plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # k blocks
+                   plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # v blocks
+                   plgpu.SMEM((ROWS, h), jnp.float32, transforms=o_tr),  # acc staging
+                   plgpu.SMEM((wgs, 2, ROWS), jnp.float32)]  # m, l staging
+        full = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(),
+                plgpu.Barrier(), plgpu.Barrier())
+        free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda *scoped: _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, scale=scale, g=g, rp=rp,
+                                    block_k=block_k, steps=steps, stages=stages, wgs=wgs, q_mode=q_mode),
+            scratch, full, free, collective_axes="wg")
+
+    m_part, l_part, acc = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32),
+                  jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32),
+                  jax.ShapeDtypeStruct((b, parts, kh, rp, h), jnp.float32)),
+        grid=(num_splits, kh, b), grid_names=("split", "head", "batch"),
+        num_threads=wgs + 1, thread_name="wg",  # compute warpgroups + 1 memory warpgroup
+        # approx: exp as ex2.approx (Triton's exp, the Triton flash kernel's); else as XLA's.
+        compiler_params=plgpu.CompilerParams(approx_math=approx),
+    )(qq, k, v)  # [B, K, parts, rp] x 2, [B, parts, K, rp, H]
+    out = combine_splits(m_part, l_part, acc, rows=g, dtype=dt)  # [B, N, H]
+    return out.reshape(b, 1, n, h)  # [B, T = 1, N, H]
+
+
+def mosaic_decode(q, k, v, *, scale: float, block_k: int = BLOCK_K, num_splits: int | None = None,
+                  stages: int = STAGES, wgs: int = WARPGROUPS, q_mode: str = "rows", approx: bool = True
+                  ) -> jax.Array:
+    """One decode step (``q [B,1,N,H]``, caches ``k, v [B,S,K,H]``), recipe "fp32_logits"
+    with flash numerics (module docstring), every key visible. ValueError, naming what is
+    missing, where :func:`why_not` names a reason.
+
+    ``num_splits``: key splits a kv head (default :func:`default_splits`: one program a
+    SM); ``stages``: key blocks in flight; ``q_mode``: ``"rows"`` loads a head's query rows
+    from q in place, ``"padded"`` pads q to 64 rows a head in XLA first (one more launch).
+    """
+    why = why_not(q.shape, k.shape, q.dtype, block_k=block_k)
+    if why:
+        raise ValueError(f"mosaic_decode needs {why}")
+    if q_mode not in Q_MODES:
+        raise ValueError(f"mosaic_decode: q_mode must be one of {Q_MODES}, got {q_mode!r}")
+    s, kh = k.shape[1], k.shape[2]
+    if num_splits is None:
+        num_splits = default_splits(s, kh, block_k=block_k, num_sms=jax.devices()[0].core_count)
+    if stages % wgs:  # each compute warpgroup waits on its own slots only (a barrier's phase is per waiter)
+        raise ValueError(f"mosaic_decode: stages ({stages}) must be a multiple of the compute warpgroups ({wgs})")
+    if s % (num_splits * block_k * wgs):
+        raise ValueError(f"mosaic_decode: S = {s} is not {num_splits} splits of whole {block_k}-key blocks, "
+                         f"{wgs} a warpgroup each")
+    return _decode(q, k, v, scale=float(scale), block_k=block_k, num_splits=num_splits, stages=stages, wgs=wgs,
+                   q_mode=q_mode, approx=approx)
