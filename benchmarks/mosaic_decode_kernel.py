@@ -11,8 +11,9 @@ memory warpgroup keeps ``stages`` key blocks of k and v in flight in shared memo
 ``wgs`` compute warpgroups run the two products on the tensor cores (wgmma).
 
 Numerics: flash attention's, step for step those of ``pallas_attention(flash=True)``
-(``_flash_step``) for recipe ``"fp32_logits"``, one kv head's G query rows (zero-padded
-to wgmma's 64 rows) against one split of the keys:
+(``_flash_step``) for recipe ``"fp32_logits"``, one kv head's G query rows (padded to
+wgmma's 64 rows; padding rows never meet a real row and are never stored) against one
+split of the keys:
 
     1. ``s = (q . k) * scale``                 wgmma, f32 accumulation; the scale in f32
     2. ``m_new = max(m, max_k s)``             the running row max (f32)
@@ -46,7 +47,7 @@ from jax.experimental import pallas as pl
 from kernels.linear_mosaic import hopper
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-ROWS = 64  # one warpgroup's wgmma M: a kv head's G query rows, zero-padded
+ROWS = 64  # one warpgroup's wgmma M: a kv head's G query rows, padded
 BLOCK_K = 64  # keys a step (k and v tiles of 64 x H)
 STAGES = 2  # key blocks in flight: 2 fastest for 7B (25.0 us against 25.5-25.6 with 3-4), 3 for 0.5B
 Q_MODES = ("rows", "padded")
@@ -122,6 +123,7 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp,
                 plgpu.barrier_wait(q_ready)
 
         scale32 = jnp.float32(scale)
+        zero = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)  # each PV sum's start
 
         def step(t, carry):
             m, l, acc = carry
@@ -147,7 +149,6 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp,
             def pv(o_acc):
                 plgpu.wgmma(o_acc, p, v_smem.at[slot])
 
-            zero = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
             pv_sum = pl.run_state(pv)(plgpu.ACC.init(zero))  # [ROWS, H] f32, summed from zero
             plgpu.barrier_arrive(v_free.at[slot])
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_sum  # [ROWS, H] step 5
@@ -224,7 +225,7 @@ def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx)
 
     def entry(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
         q_tr = (plgpu.TilingTransform((1, swz // 2)), plgpu.SwizzleTransform(swz))
-        scratch = [plgpu.SMEM((ROWS, h), dt, transforms=q_tr),  # q as loaded: the head's rows over zeros
+        scratch = [plgpu.SMEM((ROWS, h), dt, transforms=q_tr),  # q as loaded: the head's rp rows (TMA), the rest unused
                    plgpu.SMEM((ROWS, h), dt, transforms=tr),  # q, wgmma's operand
                    plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # k blocks
                    plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # v blocks
