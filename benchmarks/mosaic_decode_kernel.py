@@ -29,6 +29,12 @@ Its bits are not the recipe's (normalised after the PV sum); with the Triton ker
 splits and blocks they match it on 99.9% of outputs (1 ulp elsewhere; ``approx=True``:
 99.8%, exp as ex2.approx like Triton's).
 
+``fuse=True`` (session 13, measured slower: 28.3 us a 7B step against 27.5 with the
+combine as a second launch, ``probe_decode_mosaic.py --fused``) moves step 6 into the
+kernel: the head's last H / 16 programs wait on a semaphore for every split's partials
+and sum 16 columns each (:func:`_combine`), in registers, the sum over the splits in
+split order (within 1 ulp of ``combine_splits``).
+
 What it takes (:func:`why_not` names what is missing): a Hopper GPU (compute
 capability 9.x), bf16/f16, one query (T = 1), the default masks (every key visible: no
 ``kv_valid``, positions, segments, window or softcap), H a multiple of 64, G <= 64 query
@@ -86,13 +92,15 @@ def why_not(q_shape, k_shape, dtype, *, block_k: int = BLOCK_K) -> str:
     return ""
 
 
-def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp, block_k, steps, stages, wgs,
-            q_mode):
+def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale, g, rp, block_k, steps, stages, wgs,
+            q_mode, fuse):
     """One (key split, kv head, batch row) program: warpgroups ``0 .. wgs - 1`` compute, each
-    on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads."""
+    on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads.
+    ``fuse``: the compute warpgroup then takes part in the fused combine (:func:`_combine`)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (q_plain, q_smem, k_smem, v_smem, o_smem, ml_smem), (k_full, v_full, q_full, q_ready, o_turn), (k_free, v_free) = scoped
+    (q_plain, q_smem, k_smem, v_smem, o_smem, ml_smem, out_smem), (k_full, v_full, q_full, q_ready, o_turn), \
+        (k_free, v_free) = scoped
     j, c, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     dt = k_ref.dtype
@@ -172,7 +180,9 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp,
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rp)], acc_ref.at[b, part, c])
         plgpu.copy_smem_to_gmem(ml_smem.at[wg, 0, pl.ds(0, rp)], m_ref.at[b, c, part])
         plgpu.copy_smem_to_gmem(ml_smem.at[wg, 1, pl.ds(0, rp)], l_ref.at[b, c, part])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=wgs > 1)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=wgs > 1 or not fuse)  # fused: written, for the waiters
+        if fuse:
+            _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, g=g, b=b, c=c, j=j)
         if wgs > 1:
             @pl.when(wg == 0)
             def _next_turn():
@@ -201,8 +211,80 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, *, scale, g, rp,
             fetch(i + stages, slot)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "stages", "wgs", "q_mode", "approx"))
-def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx):
+COMBINE_COLS = 16  # head-dim columns a waiter combines: [8 rows, 16 columns], one element a thread
+# What the fused combine leaves out, read when a kernel is traced (the probe's breakdown of
+# its tail; it traces ``_decode.__wrapped__`` so that jit's cache cannot serve the whole
+# kernel): "" nothing; "reset": the semaphores are left as they are (XLA zeroes them
+# before each call); "sum": also the waiters' loads, sums and stores (they only wait:
+# the synchronisation alone; the output is not computed).
+FUSE_TRIM = ""
+
+
+def _combine_layout(parts: int):
+    """[parts, 8, COMBINE_COLS] f32 in one warpgroup: each thread holds one (row, column)'s
+    ``parts`` values (warps: 4 x 2 rows; lanes: 2 rows x 16 columns), so the sums over the
+    parts stay in its registers."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    t = fa.TiledLayout(fa.Tiling(((parts, 8, COMBINE_COLS), (2, COMBINE_COLS), (1,))), warp_dims=(-5,),
+                       lane_dims=(-3, -2), vector_dim=-1, _check_canonical=False).canonicalize()
+    return plgpu.Layout.TILED(t.tiling, warp_dims=t.warp_dims, lane_dims=t.lane_dims, vector_dim=t.vector_dim)
+
+
+def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j):
+    """The split combine, fused: every program of a (batch row, kv head) signals once its
+    partials are in memory; the head's last ``H / 16`` programs (the waiters) each wait for
+    all of them and combine 16 columns, as ``attention_pallas.combine_splits`` does. The
+    semaphores are left at zero (the first waiter takes the others' reads back)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    _, parts, kh, rp, h = acc_ref.shape
+    wn = h // COMBINE_COLS  # waiters a head
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR((o_ref.shape[0] * kh,)))  # partials in memory, a head
+    read = pl.get_global(plgpu.SemaphoreType.REGULAR((o_ref.shape[0] * kh,)))  # waiters past their loads
+    at = b * kh + c
+    plgpu.semaphore_signal(done.at[at], 1, memory_scope="gpu")  # release: after the partials' TMA completed
+    wi = j - (parts - wn)  # this program's waiter index (< 0: not a waiter)
+
+    @pl.when(wi >= 0)
+    def _wait_and_sum():
+        plgpu.semaphore_wait(done.at[at], parts, decrement=False, memory_scope="gpu")  # acquire
+        if FUSE_TRIM == "sum":
+            return
+        lay = _combine_layout(parts)
+        cols = pl.ds(wi * COMBINE_COLS, COMBINE_COLS)
+        acc = plgpu.load(acc_ref.at[b, :, c, :, cols], (), layout=lay, optimized=False)  # [parts, 8, 16]
+        mj = plgpu.load(m_ref.at[b, c], (), layout=lay.reduce(2), optimized=False)  # [parts, 8]
+        lj = plgpu.load(l_ref.at[b, c], (), layout=lay.reduce(2), optimized=False)  # [parts, 8]
+        m = mj.max(axis=0)  # [8]: the row max (max is order-free)
+        m_use = jnp.where(m == -jnp.inf, 0.0, m)
+        w = jnp.exp(mj - plgpu.layout_cast(lax.broadcast_in_dim(m_use, mj.shape, [1]), lay.reduce(2)))  # [parts, 8]
+        l = (lj * w).sum(axis=0)  # [8]
+        num = (acc * plgpu.layout_cast(lax.broadcast_in_dim(w, acc.shape, [0, 1]), lay)).sum(axis=0)  # [8, 16]
+        l_use = jnp.where(l == 0.0, 1.0, l)  # a row with no visible key: 0 / 1
+        o = num / plgpu.layout_cast(lax.broadcast_in_dim(l_use, num.shape, [0]), lay.reduce(0))  # [8, 16] f32
+        out_smem[...] = o.astype(out_smem.dtype)  # one rounding of the f32 quotient to dt
+        plgpu.commit_smem()
+
+        if not FUSE_TRIM:
+            @pl.when(wi > 0)
+            def _():
+                plgpu.semaphore_signal(read.at[at], 1, memory_scope="gpu")
+
+            @pl.when(wi == 0)
+            def _():  # every waiter has read: both semaphores back to zero
+                if wn > 1:
+                    plgpu.semaphore_wait(read.at[at], wn - 1, memory_scope="gpu")
+                plgpu.semaphore_wait(done.at[at], parts, memory_scope="gpu")
+
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, g)], o_ref.at[b, pl.ds(c * g, g), cols])  # the head's g rows
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "stages", "wgs", "q_mode", "approx",
+                                             "fuse"))
+def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx, fuse=False):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     from kernels.attention_pallas import combine_splits
@@ -223,46 +305,50 @@ def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx)
     o_tr = (plgpu.TilingTransform((8, swz // 4)), plgpu.SwizzleTransform(swz))  # f32
     dt = q.dtype
 
-    def entry(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
+    def entry(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref=None):
         q_tr = (plgpu.TilingTransform((1, swz // 2)), plgpu.SwizzleTransform(swz))
         scratch = [plgpu.SMEM((ROWS, h), dt, transforms=q_tr),  # q as loaded: the head's rp rows (TMA), the rest unused
                    plgpu.SMEM((ROWS, h), dt, transforms=tr),  # q, wgmma's operand
                    plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # k blocks
                    plgpu.SMEM((stages, block_k, h), dt, transforms=tr),  # v blocks
                    plgpu.SMEM((ROWS, h), jnp.float32, transforms=o_tr),  # acc staging
-                   plgpu.SMEM((wgs, 2, ROWS), jnp.float32)]  # m, l staging
+                   plgpu.SMEM((wgs, 2, ROWS), jnp.float32),  # m, l staging
+                   plgpu.SMEM((8, COMBINE_COLS), dt)]  # the fused combine's output staging
         full = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(),
                 plgpu.Barrier(), plgpu.Barrier())
         free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
         pl.run_scoped(
-            lambda *scoped: _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, scoped, scale=scale, g=g, rp=rp,
-                                    block_k=block_k, steps=steps, stages=stages, wgs=wgs, q_mode=q_mode),
+            lambda *scoped: _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, scale=scale, g=g, rp=rp,
+                                    block_k=block_k, steps=steps, stages=stages, wgs=wgs, q_mode=q_mode, fuse=fuse),
             scratch, full, free, collective_axes="wg")
 
-    m_part, l_part, acc = plgpu.kernel(
+    outs = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32),
                   jax.ShapeDtypeStruct((b, kh, parts, rp), jnp.float32),
-                  jax.ShapeDtypeStruct((b, parts, kh, rp, h), jnp.float32)),
+                  jax.ShapeDtypeStruct((b, parts, kh, rp, h), jnp.float32),
+                  *([jax.ShapeDtypeStruct((b, n, h), dt)] if fuse else [])),
         grid=(num_splits, kh, b), grid_names=("split", "head", "batch"),
         num_threads=wgs + 1, thread_name="wg",  # compute warpgroups + 1 memory warpgroup
         # approx: exp as ex2.approx (Triton's exp, the Triton flash kernel's); else as XLA's.
         compiler_params=plgpu.CompilerParams(approx_math=approx),
-    )(qq, k, v)  # [B, K, parts, rp] x 2, [B, parts, K, rp, H]
-    out = combine_splits(m_part, l_part, acc, rows=g, dtype=dt)  # [B, N, H]
+    )(qq, k, v)  # [B, K, parts, rp] x 2, [B, parts, K, rp, H] (, [B, N, H] fused)
+    out = outs[3] if fuse else combine_splits(*outs, rows=g, dtype=dt)  # [B, N, H]
     return out.reshape(b, 1, n, h)  # [B, T = 1, N, H]
 
 
 def mosaic_decode(q, k, v, *, scale: float, block_k: int = BLOCK_K, num_splits: int | None = None,
-                  stages: int = STAGES, wgs: int = WARPGROUPS, q_mode: str = "rows", approx: bool = True
-                  ) -> jax.Array:
+                  stages: int = STAGES, wgs: int = WARPGROUPS, q_mode: str = "rows", approx: bool = True,
+                  fuse: bool = False) -> jax.Array:
     """One decode step (``q [B,1,N,H]``, caches ``k, v [B,S,K,H]``), recipe "fp32_logits"
     with flash numerics (module docstring), every key visible. ValueError, naming what is
     missing, where :func:`why_not` names a reason.
 
     ``num_splits``: key splits a kv head (default :func:`default_splits`: one program a
     SM); ``stages``: key blocks in flight; ``q_mode``: ``"rows"`` loads a head's query rows
-    from q in place, ``"padded"`` pads q to 64 rows a head in XLA first (one more launch).
+    from q in place, ``"padded"`` pads q to 64 rows a head in XLA first (one more launch);
+    ``fuse``: the split combine inside the kernel (module docstring; one compute
+    warpgroup, at most 8 query heads a kv head, fewer waiting programs than SMs).
     """
     why = why_not(q.shape, k.shape, q.dtype, block_k=block_k)
     if why:
@@ -277,5 +363,10 @@ def mosaic_decode(q, k, v, *, scale: float, block_k: int = BLOCK_K, num_splits: 
     if s % (num_splits * block_k * wgs):
         raise ValueError(f"mosaic_decode: S = {s} is not {num_splits} splits of whole {block_k}-key blocks, "
                          f"{wgs} a warpgroup each")
+    if fuse and (wgs != 1 or q.shape[2] // kh > 8 or q.shape[-1] % COMBINE_COLS):
+        raise ValueError("mosaic_decode: fuse=True takes one compute warpgroup and at most 8 query heads a kv head")
+    if fuse and q.shape[0] * kh * (q.shape[-1] // COMBINE_COLS) >= jax.devices()[0].core_count:
+        # The waiters spin: fewer of them than SMs leaves a SM for every program they wait on.
+        raise ValueError("mosaic_decode: fuse=True needs fewer waiting programs (B * K * H / 16) than SMs")
     return _decode(q, k, v, scale=float(scale), block_k=block_k, num_splits=num_splits, stages=stages, wgs=wgs,
-                   q_mode=q_mode, approx=approx)
+                   q_mode=q_mode, approx=approx, fuse=fuse)

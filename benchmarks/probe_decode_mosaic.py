@@ -20,6 +20,10 @@ output in bf16 ulps, the share of outputs identical to it and the outputs moved 
 head. A config that fails to compile or run is recorded with its error.
 Part 2, in turns (``devtime.in_turns``, ``--rounds``): the Triton flash kernel, the two
 fastest Mosaic configs of each model and an XLA read of the same cache.
+Part 3 (``--fused``, alone): the split combine inside the kernel (``fuse=True``) against
+the same kernel with the combine as a second launch and the Triton kernel, plus two
+trimmed fused kernels that break its tail down (``FUSE_TRIM``): bits, run-to-run
+identity, the error against the truth, kernel times and the steps in turns.
 
 Result (H100, 2026-11-22; results/probe_decode_mosaic_h100.json, copy 3008 GB/s, and
 results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
@@ -41,6 +45,13 @@ results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
 * Not shipped this session: 0.82 is still short of 0.85, and the combine (2.3 us, a
   second launch) would have to move into the kernel for that; as a fourth attention
   implementation it needs its own budgets and tests, which did not fit.
+* Part 3 (session 13, results/probe_decode_fused_mosaic_h100.json, copy 3009 GB/s): the
+  fused combine is slower, 28.29 us a 7B step in turns against 27.54 with the second
+  launch (kernel 28.26 against 25.31 + 2.34); its tail: synchronisation 0.6 us, the
+  waiters' loads and sums 0.8, returning the semaphores to zero 1.5. Waiting only (no
+  combine) the step is 26.38 us, 0.845 of copy: 0.85 needs a faster main kernel, not
+  a cheaper combine. Outputs identical on every repeated run, within 1 ulp of the
+  two-launch combine.
 * Loading q: TMA into an 8-row-tiled buffer needs N % 8 == 0 (N = 28 fails); 1-row tiles,
   then a register round trip into wgmma's layout, take any N (``q_mode="rows"``); padding
   q in XLA costs a 1.4 us launch. A stage count that is not a multiple of the compute
@@ -65,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the first config of each model only, no turns")
     ap.add_argument("--read", action="store_true", help="part 0 first: bare TMA reads of a 7B cache, by layout")
+    ap.add_argument("--fused", action="store_true", help="part 3 only: the split combine fused into the kernel")
     args = ap.parse_args(argv)
 
     import jax
@@ -107,6 +119,9 @@ def main(argv=None):
         part_read(args, res, save, jax, jnp, np, torch, grouped_span, copy)
     models = {"7b": (28, 4, 128), "0.5b": (14, 2, 64)}
     S = 32768
+    if args.fused:
+        part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy)
+        return
     num_sms = jax.devices()[0].core_count
     turn_sides = {}
     for model, (N, K, H) in models.items():
@@ -186,14 +201,99 @@ def main(argv=None):
     save()
 
 
+def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy):
+    """Part 3: the split combine inside the kernel (``fuse=True``: the head's last H / 16
+    programs wait on a semaphore for every split's partials and sum 16 columns each)
+    against the same kernel with the combine as a second launch, and the Triton kernel:
+    bits (against each other, and the fused kernel against itself over repeated runs: a
+    missing acquire or release would show as run-to-run noise), the error against the
+    float64 truth, and the time in turns."""
+    from devtime import grouped_span, in_turns
+    from probe_mosaic_gemm import ulps_16bit
+
+    import mosaic_decode_kernel as mdk
+
+    from kernels.attention import gqa_attention
+    from mosaic_decode_kernel import mosaic_decode
+
+    def trimmed(q, k, v, *, trim, **kw):
+        """The fused kernel with part of its tail left out (``FUSE_TRIM``): a timing
+        breakdown, its outputs not what it computes. Traced with the knob set."""
+        mdk.FUSE_TRIM = trim
+        try:
+            sp = mdk.default_splits(k.shape[1], k.shape[2], block_k=64, num_sms=jax.devices()[0].core_count)
+            return mdk._decode.__wrapped__(q, k, v, block_k=64, num_splits=sp, wgs=1, q_mode="rows", approx=True,
+                                          **kw)
+        finally:
+            mdk.FUSE_TRIM = ""
+
+    res["fused"] = {}
+    turn_sides = {}
+    for model, (N, K, H) in models.items():
+        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
+                for i in range(4)]
+        nbytes = 2 * S * K * H * 2
+        want = truth(*sets[0])
+        sides = {"triton pallas_flash": functools.partial(gqa_attention, recipe="fp32_logits",
+                                                          implementation="pallas_flash")}
+        st = 2 if model == "7b" else 3  # the faster stages of each (part 1)
+        for fuse in (False, True):
+            sides[f"mosaic stages={st} fuse={fuse}"] = functools.partial(
+                mosaic_decode, scale=H ** -0.5, stages=st, fuse=fuse)
+        for trim in ("reset", "sum"):
+            sides[f"mosaic stages={st} fuse=True trim={trim}"] = functools.partial(
+                trimmed, trim=trim, scale=H ** -0.5, stages=st, fuse=True)
+        outs = {}
+        for name, fn in sides.items():
+            row = dict(model=model, side=name)
+            try:
+                out = np.asarray(fn(*sets[0]))
+                outs[name] = out
+                row["err_vs_f64"] = float(np.abs(out.astype(np.float64) - want).max() / np.abs(want).max())
+                if "fuse=True" in name and "trim" not in name:
+                    again = [np.asarray(fn(*sets[i % 4])) for i in range(24)]
+                    row["runs_identical"] = all(np.array_equal(a.view(np.uint16), np.asarray(
+                        fn(*sets[i % 4])).view(np.uint16)) for i, a in enumerate(again[:8]))
+                    row["run0_identical"] = all(np.array_equal(a.view(np.uint16), out.view(np.uint16))
+                                                for a in again[::4])
+                    twin = outs[name.replace("fuse=True", "fuse=False")]
+                    row["ulps_vs_unfused"] = ulps_16bit(np, out, twin)
+                    row["same_as_unfused"] = float(np.mean(out.view(np.uint16) == twin.view(np.uint16)))
+                if name != "triton pallas_flash" and "trim" not in name:
+                    fl = outs["triton pallas_flash"]
+                    row["ulps_vs_triton"] = ulps_16bit(np, out, fl)
+                    row["same_as_triton"] = float(np.mean(out.view(np.uint16) == fl.view(np.uint16)))
+                d = grouped_span(jax, torch, fn, sets, calls=args.calls)
+                row.update(us=d["span_s"] * 1e6, frac=nbytes / d["span_s"] / 1e9 / copy,
+                           kernels={k: round(v * 1e6, 2) for k, v in d["top_kernels_s"].items()})
+                turn_sides[f"{model} {name}"] = (fn, sets, nbytes)
+            except Exception as e:  # noqa: BLE001 - a config that fails is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+                print(traceback.format_exc()[-1500:], flush=True)
+            print(row, flush=True)
+            res["fused"][f"{model} {name}"] = row
+            save()
+    progs = {name: jax.jit(lambda ss, fn=fn: [fn(*s) for s in ss]) for name, (fn, _, _) in turn_sides.items()}
+    for name, (_, ss, _) in turn_sides.items():
+        jax.block_until_ready(progs[name](ss))
+    calls = {name: (functools.partial(lambda i, g, ss: g(ss), g=progs[name], ss=ss), jax.block_until_ready)
+             for name, (_, ss, _) in turn_sides.items()}
+    spans, kernels = in_turns(torch, calls, rounds=args.rounds, calls=args.calls)
+    for name, (_, ss, nb) in turn_sides.items():
+        per = [x / len(ss) for x in spans[name]]
+        med = statistics.median(per)
+        res["turns"][name] = dict(us_rounds=[x * 1e6 for x in per], us=med * 1e6, frac=nb / med / 1e9 / copy,
+                                  kernels=kernels[name])
+        print(name, res["turns"][name], flush=True)
+    save()
+
+
 def part_read(args, res, save, jax, jnp, np, torch, grouped_span, copy):
     """Part 0: how fast TMA reads a 7B cache (S 32768, K 4, H 128, k and v, 64 MiB) by
     layout, with nothing computed: ``head`` (one kv head's keys a program: [bk, H] boxes,
     rows K * H apart, as the decode kernel reads), ``row`` (every head of a key range a
     program: [bk, K * H] boxes, contiguous) and ``head_major`` (a [K, S, H] cache, HF's
     layout: [bk, H] boxes, contiguous)."""
-    import functools
-
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax import lax
     from jax.experimental import pallas as pl
