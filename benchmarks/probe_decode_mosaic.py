@@ -49,8 +49,8 @@ results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
   fused combine is slower, 28.29 us a 7B step in turns against 27.54 with the second
   launch (kernel 28.26 against 25.31 + 2.34); its tail: synchronisation 0.6 us, the
   waiters' loads and sums 0.8, returning the semaphores to zero 1.5. Waiting only (no
-  combine) the step is 26.38 us, 0.845 of copy: 0.85 needs a faster main kernel, not
-  a cheaper combine. Outputs identical on every repeated run, within 1 ulp of the
+  combine) the step is 26.38 us, 0.845 of copy (0.852 in a one-round re-run): 0.85
+  needs a faster main kernel, not a cheaper combine. Outputs identical on every repeated run, within 1 ulp of the
   two-launch combine.
 * Loading q: TMA into an 8-row-tiled buffer needs N % 8 == 0 (N = 28 fails); 1-row tiles,
   then a register round trip into wgmma's layout, take any N (``q_mode="rows"``); padding
@@ -87,7 +87,7 @@ def main(argv=None):
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
     sys.path.insert(0, str(here.parent))
-    from devtime import copy_gb_s, grouped_span, in_turns
+    from devtime import copy_gb_s, grouped_span
     from probe_mosaic_gemm import ulps_16bit
 
     from kernels.attention import gqa_attention
@@ -185,18 +185,7 @@ def main(argv=None):
             lambda q, k, v: jnp.maximum(jnp.max(k, axis=1), jnp.max(v, axis=1)), sets, nbytes)
 
     if not args.quick:
-        progs = {name: jax.jit(lambda ss, fn=fn: [fn(*s) for s in ss]) for name, (fn, _, _) in turn_sides.items()}
-        for name, (_, ss, _) in turn_sides.items():
-            jax.block_until_ready(progs[name](ss))  # compiled before the turns
-        calls = {name: (functools.partial(lambda i, g, ss: g(ss), g=progs[name], ss=ss), jax.block_until_ready)
-                 for name, (_, ss, _) in turn_sides.items()}
-        spans, kernels = in_turns(torch, calls, rounds=args.rounds, calls=args.calls)
-        for name, (_, ss, nb) in turn_sides.items():
-            per = [x / len(ss) for x in spans[name]]
-            med = statistics.median(per)
-            res["turns"][name] = dict(us_rounds=[x * 1e6 for x in per], us=med * 1e6, frac=nb / med / 1e9 / copy,
-                                      kernels=kernels[name])
-            print(name, res["turns"][name], flush=True)
+        run_turns(args, res, jax, torch, turn_sides, copy)
     res["copy_gb_s_end"] = copy_gb_s(torch, calls=args.calls)
     save()
 
@@ -208,7 +197,7 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
     bits (against each other, and the fused kernel against itself over repeated runs: a
     missing acquire or release would show as run-to-run noise), the error against the
     float64 truth, and the time in turns."""
-    from devtime import grouped_span, in_turns
+    from devtime import grouped_span
     from probe_mosaic_gemm import ulps_16bit
 
     import mosaic_decode_kernel as mdk
@@ -273,9 +262,19 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
             print(row, flush=True)
             res["fused"][f"{model} {name}"] = row
             save()
+    run_turns(args, res, jax, torch, turn_sides, copy)
+    save()
+
+
+def run_turns(args, res, jax, torch, turn_sides, copy):
+    """Each side of ``turn_sides`` (name -> (fn, input sets, bytes read)) as one jitted
+    program over its sets, compiled first, then timed in turns (``devtime.in_turns``):
+    ``res["turns"][name]``, the median µs a step and its fraction of ``copy``."""
+    from devtime import in_turns
+
     progs = {name: jax.jit(lambda ss, fn=fn: [fn(*s) for s in ss]) for name, (fn, _, _) in turn_sides.items()}
     for name, (_, ss, _) in turn_sides.items():
-        jax.block_until_ready(progs[name](ss))
+        jax.block_until_ready(progs[name](ss))  # compiled before the turns
     calls = {name: (functools.partial(lambda i, g, ss: g(ss), g=progs[name], ss=ss), jax.block_until_ready)
              for name, (_, ss, _) in turn_sides.items()}
     spans, kernels = in_turns(torch, calls, rounds=args.rounds, calls=args.calls)
@@ -285,7 +284,6 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
         res["turns"][name] = dict(us_rounds=[x * 1e6 for x in per], us=med * 1e6, frac=nb / med / 1e9 / copy,
                                   kernels=kernels[name])
         print(name, res["turns"][name], flush=True)
-    save()
 
 
 def part_read(args, res, save, jax, jnp, np, torch, grouped_span, copy):
