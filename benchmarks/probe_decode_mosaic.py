@@ -50,8 +50,8 @@ results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
   launch (kernel 28.26 against 25.31 + 2.34); its tail: synchronisation 0.6 us, the
   waiters' loads and sums 0.8, returning the semaphores to zero 1.5. Waiting only (no
   combine) the step is 26.38 us, 0.845 of copy (0.852 in a one-round re-run): 0.85
-  needs a faster main kernel, not a cheaper combine. Outputs identical on every repeated run, within 1 ulp of the
-  two-launch combine.
+  needs a faster main kernel, not a cheaper combine. Outputs identical on every
+  repeated run, within 1 ulp of the two-launch combine.
 * Loading q: TMA into an 8-row-tiled buffer needs N % 8 == 0 (N = 28 fails); 1-row tiles,
   then a register round trip into wgmma's layout, take any N (``q_mode="rows"``); padding
   q in XLA costs a 1.4 us launch. A stage count that is not a multiple of the compute
