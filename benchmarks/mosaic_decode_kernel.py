@@ -93,10 +93,11 @@ def why_not(q_shape, k_shape, dtype, *, block_k: int = BLOCK_K) -> str:
 
 
 def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale, g, rp, block_k, steps, stages, wgs,
-            q_mode, fuse):
+            q_mode, fuse, trim):
     """One (key split, kv head, batch row) program: warpgroups ``0 .. wgs - 1`` compute, each
     on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads.
-    ``fuse``: the compute warpgroup then takes part in the fused combine (:func:`_combine`)."""
+    ``fuse``: the compute warpgroup then takes part in the fused combine (:func:`_combine`,
+    less ``trim``)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (q_plain, q_smem, k_smem, v_smem, o_smem, ml_smem, out_smem), (k_full, v_full, q_full, q_ready, o_turn), \
@@ -182,7 +183,7 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale,
         plgpu.copy_smem_to_gmem(ml_smem.at[wg, 1, pl.ds(0, rp)], l_ref.at[b, c, part])
         plgpu.wait_smem_to_gmem(0, wait_read_only=wgs > 1 or not fuse)  # fused: written, for the waiters
         if fuse:
-            _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, g=g, b=b, c=c, j=j)
+            _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, g=g, b=b, c=c, j=j, trim=trim)
         if wgs > 1:
             @pl.when(wg == 0)
             def _next_turn():
@@ -212,12 +213,11 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale,
 
 
 COMBINE_COLS = 16  # head-dim columns a waiter combines: [8 rows, 16 columns], one element a thread
-# What the fused combine leaves out, read when a kernel is traced (the probe's breakdown of
-# its tail; it traces ``_decode.__wrapped__`` so that jit's cache cannot serve the whole
-# kernel): "" nothing; "reset": the semaphores are left as they are (XLA zeroes them
-# before each call); "sum": also the waiters' loads, sums and stores (they only wait:
-# the synchronisation alone; the output is not computed).
-FUSE_TRIM = ""
+# What ``_decode(trim=...)`` leaves out of the fused combine (the probe's breakdown of its
+# tail): "" nothing; "reset": the semaphores are left as they are (XLA zeroes them before
+# each call); "sum": also the waiters' loads, sums and stores (they only wait: the
+# synchronisation alone; the output is not computed).
+TRIMS = ("", "reset", "sum")
 
 
 def _combine_layout(parts: int):
@@ -232,7 +232,7 @@ def _combine_layout(parts: int):
     return plgpu.Layout.TILED(t.tiling, warp_dims=t.warp_dims, lane_dims=t.lane_dims, vector_dim=t.vector_dim)
 
 
-def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j):
+def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j, trim):
     """The split combine, fused: every program of a (batch row, kv head) signals once its
     partials are in memory; the head's last ``H / 16`` programs (the waiters) each wait for
     all of them and combine 16 columns, as ``attention_pallas.combine_splits`` does. The
@@ -250,7 +250,7 @@ def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j):
     @pl.when(wi >= 0)
     def _wait_and_sum():
         plgpu.semaphore_wait(done.at[at], parts, decrement=False, memory_scope="gpu")  # acquire
-        if FUSE_TRIM == "sum":
+        if trim == "sum":
             return
         lay = _combine_layout(parts)
         cols = pl.ds(wi * COMBINE_COLS, COMBINE_COLS)
@@ -267,7 +267,7 @@ def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j):
         out_smem[...] = o.astype(out_smem.dtype)  # one rounding of the f32 quotient to dt
         plgpu.commit_smem()
 
-        if not FUSE_TRIM:
+        if not trim:
             @pl.when(wi > 0)
             def _():
                 plgpu.semaphore_signal(read.at[at], 1, memory_scope="gpu")
@@ -283,8 +283,8 @@ def _combine(m_ref, l_ref, acc_ref, o_ref, out_smem, *, g, b, c, j):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "stages", "wgs", "q_mode", "approx",
-                                             "fuse"))
-def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx, fuse=False):
+                                             "fuse", "trim"))
+def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx, fuse=False, trim=""):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     from kernels.attention_pallas import combine_splits
@@ -319,7 +319,8 @@ def _decode(q, k, v, *, scale, block_k, num_splits, stages, wgs, q_mode, approx,
         free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
         pl.run_scoped(
             lambda *scoped: _kernel(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, o_ref, scoped, scale=scale, g=g, rp=rp,
-                                    block_k=block_k, steps=steps, stages=stages, wgs=wgs, q_mode=q_mode, fuse=fuse),
+                                    block_k=block_k, steps=steps, stages=stages, wgs=wgs, q_mode=q_mode, fuse=fuse,
+                                    trim=trim),
             scratch, full, free, collective_axes="wg")
 
     outs = plgpu.kernel(

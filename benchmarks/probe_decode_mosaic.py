@@ -22,7 +22,7 @@ Part 2, in turns (``devtime.in_turns``, ``--rounds``): the Triton flash kernel, 
 fastest Mosaic configs of each model and an XLA read of the same cache.
 Part 3 (``--fused``, alone): the split combine inside the kernel (``fuse=True``) against
 the same kernel with the combine as a second launch and the Triton kernel, plus two
-trimmed fused kernels that break its tail down (``FUSE_TRIM``): bits, run-to-run
+trimmed fused kernels that break its tail down (``_decode(trim=...)``): bits, run-to-run
 identity, the error against the truth, kernel times and the steps in turns.
 
 Result (H100, 2026-11-22; results/probe_decode_mosaic_h100.json, copy 3008 GB/s, and
@@ -205,16 +205,11 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
     from kernels.attention import gqa_attention
     from mosaic_decode_kernel import mosaic_decode
 
-    def trimmed(q, k, v, *, trim, **kw):
-        """The fused kernel with part of its tail left out (``FUSE_TRIM``): a timing
-        breakdown, its outputs not what it computes. Traced with the knob set."""
-        mdk.FUSE_TRIM = trim
-        try:
-            sp = mdk.default_splits(k.shape[1], k.shape[2], block_k=64, num_sms=jax.devices()[0].core_count)
-            return mdk._decode.__wrapped__(q, k, v, block_k=64, num_splits=sp, wgs=1, q_mode="rows", approx=True,
-                                          **kw)
-        finally:
-            mdk.FUSE_TRIM = ""
+    def trimmed(q, k, v, **kw):
+        """The fused kernel with part of its tail left out (``mdk.TRIMS``): a timing
+        breakdown, its outputs not what it computes."""
+        sp = mdk.default_splits(k.shape[1], k.shape[2], block_k=64, num_sms=jax.devices()[0].core_count)
+        return mdk._decode(q, k, v, block_k=64, num_splits=sp, wgs=1, q_mode="rows", approx=True, **kw)
 
     res["fused"] = {}
     turn_sides = {}
