@@ -811,6 +811,7 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
                 {"recipe": "fp32_logits", "implementation": "pallas_flash"}]  # one pass, flash numerics
     if decode:  # the XLA path beside the default (Pallas on a GPU), on the same clock
         variants.append({"recipe": "hf", "implementation": "xla"})
+        variants.append({"recipe": "fp32_logits", "implementation": "mosaic_flash"})  # TMA-fed, Hopper only
     else:
         variants.append({"recipe": "fp32_logits", "q_chunk": max(1, T // 4)})
         variants.append({"recipe": "fp32_logits", "implementation": "cudnn"})  # T == S: cuDNN's causal is ours
@@ -821,7 +822,8 @@ def _attention(b: Bench, m: Model, phase: str, decode: bool):
         impl = kw.get("implementation")
         b.run_jax(spec, label, lambda q, k, v, kw=kw: kernels.gqa_attention(q, k, v, causal=True, **kw), jsets,
                   ref=ref, extra={"recipe": kw.get("recipe", "hf"), "kwargs": kw},
-                  needs_gpu=f"implementation={impl!r}" if impl in ("pallas", "pallas_flash", "cudnn") else None)
+                  needs_gpu=f"implementation={impl!r}" if impl in ("pallas", "pallas_flash", "mosaic_flash", "cudnn")
+                  else None)
     for impl in ("xla", "cudnn"):
         b.run_jax(spec, f"jax.nn.dot_product_attention({impl})",
                   lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=not decode,

@@ -1,10 +1,10 @@
-"""A decode step read by TMA: ``mosaic_decode_kernel`` against the Triton flash kernel, timed.
+"""A decode step read by TMA: ``kernels.attention_mosaic`` against the Triton flash kernel, timed.
 
-    python3 benchmarks/probe_decode_mosaic.py [--read] --out $OUT/probe_decode_mosaic_h100.json
+    python3 benchmarks/probe_decode_mosaic.py [--read | --fused | --ship] --out $OUT/probe_decode_mosaic_h100.json
 
 The Triton flash decode (``implementation="pallas_flash"``) streams the KV cache at
 0.86 of copy with its own loads, and the split combine adds 2.4-2.9 us (a 7B step:
-28.5 us, 0.78 of copy; the target is 0.85). ``mosaic_decode_kernel`` keeps the same
+28.5 us, 0.78 of copy; the target is 0.85). ``kernels.attention_mosaic`` keeps the same
 flash numerics but loads k and v by TMA, several blocks ahead, from a warpgroup of its own.
 
 Part 0 (``--read``): bare TMA reads of a 7B cache (64 MiB of k and v, nothing computed) by
@@ -24,6 +24,10 @@ Part 3 (``--fused``, alone): the split combine inside the kernel (``fuse=True``)
 the same kernel with the combine as a second launch and the Triton kernel, plus two
 trimmed fused kernels that break its tail down (``_decode(trim=...)``): bits, run-to-run
 identity, the error against the truth, kernel times and the steps in turns.
+Part 4 (``--ship``, alone): the shipped ``gqa_attention(implementation="mosaic_flash")``
+against ``"pallas_flash"``, every key visible and with a ``kv_valid`` mask (all True;
+half the cache filled, as a preallocated cache is): bits, error against the truth, the
+steps in turns.
 
 Result (H100, 2026-11-22; results/probe_decode_mosaic_h100.json, copy 3008 GB/s, and
 results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
@@ -52,6 +56,12 @@ results/probe_decode_mosaic_read_h100.json for part 0 and the earlier sweeps):
   combine) the step is 26.38 us, 0.845 of copy (0.852 in a one-round re-run): 0.85
   needs a faster main kernel, not a cheaper combine. Outputs identical on every
   repeated run, within 1 ulp of the two-launch combine.
+* Part 4 (session 14, results/probe_decode_mosaic_ship_h100.json; ``--stages``:
+  results/probe_decode_mosaic_stages{,_records}_h100.json): the shipped
+  ``mosaic_flash``, a 7B step 28.02 us against 28.88 for ``pallas_flash`` (0.5B: 12.43
+  against 12.53); with ``kv_valid`` 0.99-1.07x ``pallas_flash``'s time. The first masked
+  kernel zeroed every block's masked v rows (0.6-1.1 us a step); the records' visible-key
+  count now skips that in blocks with every key visible.
 * Loading q: TMA into an 8-row-tiled buffer needs N % 8 == 0 (N = 28 fails); 1-row tiles,
   then a register round trip into wgmma's layout, take any N (``q_mode="rows"``); padding
   q in XLA costs a 1.4 us launch. A stage count that is not a multiple of the compute
@@ -77,6 +87,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the first config of each model only, no turns")
     ap.add_argument("--read", action="store_true", help="part 0 first: bare TMA reads of a 7B cache, by layout")
     ap.add_argument("--fused", action="store_true", help="part 3 only: the split combine fused into the kernel")
+    ap.add_argument("--ship", action="store_true", help="part 4 only: gqa_attention's mosaic_flash, with masks")
+    ap.add_argument("--stages", default="", help="part 4: instead, the Mosaic kernel's stages (e.g. 2,3,4), masked "
+                                                 "or not, beside pallas_flash")
     args = ap.parse_args(argv)
 
     import jax
@@ -91,7 +104,7 @@ def main(argv=None):
     from probe_mosaic_gemm import ulps_16bit
 
     from kernels.attention import gqa_attention
-    from mosaic_decode_kernel import default_splits, mosaic_decode
+    from kernels.attention_mosaic import default_splits, mosaic_decode
 
     f32, bf16 = jnp.float32, jnp.bfloat16
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "sweep": [], "turns": {}}
@@ -121,6 +134,9 @@ def main(argv=None):
     S = 32768
     if args.fused:
         part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy)
+        return
+    if args.ship:
+        part_ship(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy)
         return
     num_sms = jax.devices()[0].core_count
     turn_sides = {}
@@ -200,10 +216,9 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
     from devtime import grouped_span
     from probe_mosaic_gemm import ulps_16bit
 
-    import mosaic_decode_kernel as mdk
-
+    import kernels.attention_mosaic as mdk
     from kernels.attention import gqa_attention
-    from mosaic_decode_kernel import mosaic_decode
+    from kernels.attention_mosaic import mosaic_decode
 
     def trimmed(q, k, v, **kw):
         """The fused kernel with part of its tail left out (``mdk.TRIMS``): a timing
@@ -223,7 +238,7 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
         st = 2 if model == "7b" else 3  # the faster stages of each (part 1)
         for fuse in (False, True):
             sides[f"mosaic stages={st} fuse={fuse}"] = functools.partial(
-                mosaic_decode, scale=H ** -0.5, stages=st, fuse=fuse)
+                mosaic_decode, scale=H ** -0.5, stages=st, fuse=fuse, approx=True)
         for trim in ("reset", "sum"):
             sides[f"mosaic stages={st} fuse=True trim={trim}"] = functools.partial(
                 trimmed, trim=trim, scale=H ** -0.5, stages=st, fuse=True)
@@ -257,6 +272,80 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
             print(row, flush=True)
             res["fused"][f"{model} {name}"] = row
             save()
+    run_turns(args, res, jax, torch, turn_sides, copy)
+    save()
+
+
+def part_ship(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy):
+    """Part 4: ``gqa_attention(recipe="fp32_logits", implementation=...)`` for "pallas_flash"
+    and "mosaic_flash", every key visible and with ``kv_valid``: all True (the masked
+    kernel: the mask fetched with each block, masked v rows zeroed) and the first half of
+    the cache filled (half the keys masked, still all read). Bits against each other, the
+    error against the float64 truth of the visible keys, the steps in turns."""
+    from probe_mosaic_gemm import ulps_16bit
+
+    from kernels.attention import gqa_attention
+
+    res["ship"] = {}
+    turn_sides = {}
+    if args.stages:
+        return ship_stages(args, res, save, jax, jnp, np, torch, randn, models, S, copy)
+    for model, (N, K, H) in models.items():
+        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
+                for i in range(4)]
+        nbytes = 2 * S * K * H * 2
+        masks = {"": None, "kv_valid all": jnp.ones((1, S), bool), "kv_valid half": jnp.arange(S)[None] < S // 2}
+        for mask, valid in masks.items():
+            q0, k0, v0 = sets[0]
+            n_vis = S if valid is None else int(valid.sum())
+            want = truth(q0, k0[:, :n_vis], v0[:, :n_vis])  # both masks keep a prefix of the keys
+            outs = {}
+            for impl in ("pallas_flash", "mosaic_flash"):
+                name = f"{model} {impl} {mask}".strip()
+                fn = functools.partial(gqa_attention, recipe="fp32_logits", implementation=impl, kv_valid=valid)
+                row = dict(model=model, side=name)
+                try:
+                    out = outs[impl] = np.asarray(fn(*sets[0]))
+                    row["err_vs_f64"] = float(np.abs(out.astype(np.float64) - want).max() / np.abs(want).max())
+                    if impl == "mosaic_flash":
+                        fl = outs["pallas_flash"]
+                        row.update(ulps_vs_triton=ulps_16bit(np, out, fl),
+                                   same_as_triton=float(np.mean(out.view(np.uint16) == fl.view(np.uint16))))
+                    turn_sides[name] = (fn, sets, nbytes)
+                except Exception as e:  # noqa: BLE001 - a side that fails is a result too
+                    row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+                    print(traceback.format_exc()[-1500:], flush=True)
+                print(row, flush=True)
+                res["ship"][name] = row
+                save()
+    run_turns(args, res, jax, torch, turn_sides, copy)
+    save()
+
+
+def ship_stages(args, res, save, jax, jnp, np, torch, randn, models, S, copy):
+    """Part 4 with ``--stages``: ``mosaic_decode`` at each stage count, every key visible and
+    masked (``vis`` all True: the mask fetched with each block, the v rows zeroed), and
+    masked without the zeroing (``trim="zero_v"``: what the zeroing costs), beside
+    ``pallas_flash`` unmasked and with ``kv_valid`` all True, in turns."""
+    import kernels.attention_mosaic as am
+    from kernels.attention import gqa_attention
+
+    turn_sides = {}
+    for model, (N, K, H) in models.items():
+        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
+                for i in range(4)]
+        nbytes = 2 * S * K * H * 2
+        every = jnp.ones((1, S), bool)
+        for mask, valid in (("", None), ("kv_valid all", every)):
+            turn_sides[f"{model} pallas_flash {mask}".strip()] = (functools.partial(
+                gqa_attention, recipe="fp32_logits", implementation="pallas_flash", kv_valid=valid), sets, nbytes)
+        sp = am.default_splits(S, K, 1, block_k=am.BLOCK_K, num_sms=jax.devices()[0].core_count)
+        for st in (int(x) for x in args.stages.split(",")):
+            for mask, vis, trim in (("", None, ""), ("vis", every, ""), ("vis trim=zero_v", every, "zero_v")):
+                turn_sides[f"{model} mosaic stages={st} {mask}".strip()] = (functools.partial(
+                    lambda q, k, v, vis, **kw: am._decode(q, k, v, vis, **kw), vis=vis, scale=H ** -0.5,
+                    block_k=am.BLOCK_K, num_splits=sp, stages=st, wgs=1, q_mode="rows", approx=False, trim=trim),
+                    sets, nbytes)
     run_turns(args, res, jax, torch, turn_sides, copy)
     save()
 

@@ -79,7 +79,7 @@ from kernels._round import round_to
 from kernels.softmax import softmax
 
 RECIPES = ("hf", "fp32_logits")
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_flash")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_flash", "mosaic_flash")
 _OP = "gqa_attention"
 
 
@@ -406,7 +406,12 @@ def gqa_attention(
         with flash-attention numerics, ``pallas_attention(flash=True)``: recipe
         ``"fp32_logits"`` only, every mask and softcap; it normalises after the PV
         matmul like cuDNN, within its own budgets, ``implementations.pallas_flash`` in
-        tolerances.yaml; a 7B decode step 0.84x the time of "pallas" on an H100).
+        tolerances.yaml; a 7B decode step 0.84x the time of "pallas" on an H100), or
+        ``"mosaic_flash"`` (``kernels.attention_mosaic``: a decode step, T = 1, with the
+        same flash numerics as one Hopper kernel fed by TMA: Hopper GPUs only, bf16/f16,
+        H a multiple of 64, every mask and softcap; its own budgets,
+        ``implementations.mosaic_flash``; a 7B decode step 0.97x the time of
+        "pallas_flash" on an H100).
         ``None``: ``"pallas"`` for bf16/f16 on a CUDA GPU (the fastest path that meets
         its GPU budget), ``"xla"`` otherwise (float32 everywhere: its pair scores). An
         option a path cannot honour raises ValueError; nothing falls back silently.
@@ -431,6 +436,10 @@ def gqa_attention(
     if implementation == "pallas_flash" and recipe != "fp32_logits":
         raise ValueError(f"{_OP}: implementation='pallas_flash' needs recipe='fp32_logits', got {recipe!r}: "
                          f"one pass cannot round normalised probabilities (use implementation='pallas')")
+    if implementation == "mosaic_flash":
+        from kernels.attention_mosaic import mosaic_attention  # GPU-only module, imported on demand
+
+        return mosaic_attention(q, k, v, **call_opts)
     if implementation in ("pallas", "pallas_flash") or (implementation is None and q.dtype != jnp.float32):
         from kernels.attention_pallas import pallas_attention  # GPU-only module, imported on demand
 

@@ -654,7 +654,7 @@ def combine_splits(m_part, l_part, acc, *, rows: int, dtype, interpret: bool = F
     split's row max and row sum) and ``acc`` ``[B, n_split, K, Rp, Hp]`` (its unnormalised
     f32 ``p @ v``), of which each kv head's first ``rows`` rows are real, give
     ``[B, K * rows, Hp]`` in ``dtype`` (:func:`_flash_combine_kernel`). Also the combine of
-    the Mosaic GPU decode kernel probed in benchmarks/mosaic_decode_kernel.py, which writes
+    the Mosaic GPU decode kernel (kernels.attention_mosaic, implementation="mosaic_flash"), which writes
     the same partials."""
     b, kh, n_split, rp = m_part.shape
     hp = acc.shape[-1]

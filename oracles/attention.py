@@ -322,6 +322,21 @@ def cudnn(q, k, v, **kw):
     return kernel(q, k, v, **kw, implementation="cudnn")
 
 
+def mosaic_flash(q, k, v, *, q_chunk=None, **kw):
+    """``gqa_attention(implementation="mosaic_flash")``: a decode step as one Hopper kernel
+    (kernels.attention_mosaic), flash numerics; on a Hopper GPU only (elsewhere ValueError).
+    ``q_chunk`` does not apply (one query)."""
+    from kernels.attention import gqa_attention as kernel
+
+    return kernel(q, k, v, **kw, implementation="mosaic_flash")
+
+
+# What the Mosaic decode kernel takes: recipe fp32_logits, one query; cache lengths that
+# are not whole key blocks (7, 40, 200, 1000) and several splits (1000: 8 on an H100).
+MOSAIC_FLASH_CASES = {"recipe": "fp32_logits", "ts_pairs": ((1, 1), (1, 7), (1, 40), (1, 64), (1, 200), (1, 1000)),
+                      "q_chunk": 0}
+
+
 # What cuDNN honours (kernels.attention._cudnn): recipe fp32_logits, bf16/f16, no mask
 # arrays, no softcap, no q_chunk, causal only with T == S (a sliding window is fine).
 CUDNN_CASES = {"recipe": "fp32_logits", "masks": ("causal", "none"), "softcaps": (None,), "square_causal": True,
@@ -330,7 +345,7 @@ CUDNN_CASES = {"recipe": "fp32_logits", "masks": ("causal", "none"), "softcaps":
 
 def _make_harness():
     from kernels.attention import gqa_attention as kernel
-    from oracles.registry import Harness, Implementation
+    from oracles.registry import Harness, Implementation, not_hopper
 
     # pallas_flash implements the fp32_logits recipe with flash numerics (normalised after
     # the PV matmul): judged against that recipe's oracle, under its own budgets. Half the
@@ -339,8 +354,11 @@ def _make_harness():
     # cuDNN has the same flash numerics, with its own blocking: its own budgets, GPU only.
     cudnn_impl = Implementation(kernel=cudnn, case_opts=CUDNN_CASES, backends=("gpu",),
                                 dtypes=("bfloat16", "float16"), requires="cuDNN")
+    # The Mosaic decode kernel: the same flash numerics with its own blocking, Hopper only.
+    mosaic_impl = Implementation(kernel=mosaic_flash, case_opts=MOSAIC_FLASH_CASES, backends=("gpu",),
+                                 dtypes=("bfloat16", "float16"), requires="a Hopper GPU", device_lacks=not_hopper)
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
-                   implementations={"pallas_flash": flash, "cudnn": cudnn_impl})
+                   implementations={"pallas_flash": flash, "cudnn": cudnn_impl, "mosaic_flash": mosaic_impl})
 
 
 HARNESS = _make_harness()

@@ -214,19 +214,12 @@ def mosaic(x, w, b=None, **kw):
 MOSAIC_CASES = {"recipe": "linear", "linear_shapes": MOSAIC_SHAPES}
 
 
-def _not_hopper() -> str:
-    """"" on a Hopper GPU, else what the mosaic GEMM needs (other GPUs: not run, not failed)."""
-    from kernels.linear_mosaic import hopper
-
-    return "" if hopper() else "a Hopper GPU (compute capability 9.x)"
-
-
 def _make_harness():
-    from oracles.registry import Harness, Implementation
+    from oracles.registry import Harness, Implementation, not_hopper
 
     mosaic_impl = Implementation(kernel=mosaic, case_opts=MOSAIC_CASES, backends=("gpu",),
                                  dtypes=("bfloat16", "float16"), requires="a Hopper GPU",
-                                 device_lacks=_not_hopper)
+                                 device_lacks=not_hopper)
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties,
                    implementations={"mosaic": mosaic_impl})
 

@@ -178,6 +178,14 @@ def backend() -> str:
     return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
 
 
+def not_hopper() -> str:
+    """"" on a Hopper GPU, else what the Mosaic GPU kernels (wgmma, TMA) need: an
+    ``Implementation.device_lacks`` (on other GPUs their rows are not run, not failed)."""
+    from kernels.linear_mosaic import hopper
+
+    return "" if hopper() else "a Hopper GPU (compute capability 9.x)"
+
+
 def judge_case(case: Case, outcome: Outcome, budget) -> list[compare.Judgment]:
     """All judgments of one case: dtype/shape kept, parity, accuracy, finiteness, properties."""
     dt = outcome.out_dtype

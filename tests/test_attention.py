@@ -21,7 +21,7 @@ from oracles.arrays import to_torch
 from oracles.attention import RECIPES, _inputs, _torch_masks, pallas_flash, visibility
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
-from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
+from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted, not_hopper
 from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
 
 H = harness("attention")
@@ -71,6 +71,7 @@ def test_pallas_flash_within_budget(tolerances, dtype, data):
 
 
 CUDNN = H.implementations["cudnn"]
+MOSAIC_FLASH = H.implementations["mosaic_flash"]
 
 
 @pytest.mark.parametrize("dtype", CUDNN.dtypes)
@@ -232,11 +233,23 @@ def _require_same(tolerances, case, got, want, *, what: str, terms=None):
 
 
 @PROPERTY
+@pytest.mark.parametrize("implementation", [None, "mosaic_flash"])
 @given(data=st.data())
-def test_masked_keys_cannot_influence_output(data):
-    """NaN, inf or 1e30 in k and v of keys no query may see changes nothing (bit for bit)."""
-    case = data.draw(H.cases(), label="case")
+def test_masked_keys_cannot_influence_output(implementation, data):
+    """NaN, inf or 1e30 in k and v of keys no query may see changes nothing (bit for bit):
+    the default kernel, and the Mosaic decode kernel on a Hopper GPU (elsewhere its cases
+    are refused, naming the GPU)."""
+    if implementation is None:
+        case = data.draw(H.cases(), label="case")
+    else:
+        dtype = data.draw(st.sampled_from(MOSAIC_FLASH.dtypes), label="dtype")
+        case = data.draw(H.cases(dtype=dtype, **MOSAIC_FLASH.case_opts), label="case")
     a = _inputs(case)
+    impl = {} if implementation is None else {"implementation": implementation}  # the default: the active kernel's own
+    if impl and not_hopper():
+        with pytest.raises(ValueError, match=r"implementation='mosaic_flash' needs a Hopper GPU"):
+            _run(case, a, **impl)
+        return
     hidden = ~_vis(case, a).any(axis=1)  # [B, S]: keys visible to no query
     if not hidden.any():  # a mask with no hidden key: hide the last keys with kv_valid padding
         kv_valid = np.ones(hidden.shape, bool) if a["kv_valid"] is None else a["kv_valid"].copy()
@@ -250,7 +263,7 @@ def test_masked_keys_cannot_influence_output(data):
         x[hidden] = poison
         with np.errstate(over="ignore"):  # 1e30 overflows to inf in float16: still poison
             bad[name] = x.astype(a[name].dtype)
-    np.testing.assert_array_equal(_run(case, a), _run(case, bad), err_msg=case.reproducer())
+    np.testing.assert_array_equal(_run(case, a, **impl), _run(case, bad, **impl), err_msg=case.reproducer())
 
 
 @PROPERTY
@@ -388,3 +401,71 @@ def test_cudnn_path_refuses_what_it_cannot_honour(kwargs, named):
         gqa_attention(q, k, v, implementation="cudnn", **kwargs)
     with pytest.raises(ValueError, match="implementation must be one of"):
         gqa_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("dtype", MOSAIC_FLASH.dtypes)
+@FLASH
+@given(data=st.data())
+def test_mosaic_flash_within_budget(tolerances, dtype, data):
+    """implementation="mosaic_flash" (the Hopper decode kernel) against the fp32_logits
+    oracle and the float64 truth under its own budget (implementations.mosaic_flash):
+    every mask kind, cache lengths that are not whole key blocks. Off a Hopper GPU the
+    same cases must be refused naming the GPU alone: its case strategy draws nothing
+    else that it cannot take."""
+    case = data.draw(H.cases(dtype=dtype, **MOSAIC_FLASH.case_opts), label="case")
+    if not not_hopper():
+        check_case(case, tolerances, implementation="mosaic_flash")
+        return
+    a = _inputs(case)
+    with pytest.raises(ValueError, match=r"implementation='mosaic_flash' needs a Hopper GPU \(compute capability "
+                                         r"9\.x; JAX's default device is '[^']*'\)\. Use"):
+        MOSAIC_FLASH.kernel(a["q"], a["k"], a["v"], **case.kwargs, **{m: a[m] for m in MASK_ARGS})
+
+
+def _no_rescale(acc, alpha, pv):
+    """A mutant of kernels.attention_mosaic._flash_update: the running PV sum not rescaled
+    when the row max grows (a classic flash-attention bug)."""
+    return acc + pv
+
+
+def test_mosaic_flash_budget_catches_a_missing_rescale(tolerances, monkeypatch):
+    """The mosaic_flash budget can fail: on a Hopper GPU, the kernel with its running sum
+    not rescaled breaches it (1000 keys: 8 splits of 2 key blocks, scores ~10 so that the
+    max grows from one block to the next). Elsewhere, where the kernel cannot run, the
+    mutant is checked to be a real change of the update on such a step."""
+    import kernels.attention_mosaic as am
+
+    case = Case(op="attention", dtype="bfloat16", shapes={"q": (1, 1, 14, 64), "k": (1, 1000, 2, 64),
+                                                          "v": (1, 1000, 2, 64)},
+                kwargs={"causal": True, "sliding_window": None, "softcap": None, "scale": None,
+                        "recipe": "fp32_logits", "q_chunk": None},
+                data={"seed": 3, "log10_score": [1, 1], "outliers": 0, "mask": "none", "segment_pair": False})
+    if not not_hopper():
+        check_case(case, tolerances, implementation="mosaic_flash")  # the real kernel passes
+        jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
+        monkeypatch.setattr(am, "_flash_update", _no_rescale)
+        try:
+            with pytest.raises(AssertionError, match="parity"):
+                check_case(case, tolerances, implementation="mosaic_flash")
+        finally:
+            monkeypatch.undo()
+            jax.clear_caches()
+        return
+    acc, pv = jnp.ones((64, 64), jnp.float32), jnp.full((64, 64), 0.5, jnp.float32)
+    alpha = jnp.full((64,), 0.25, jnp.float32)  # the max grew: the old sum weighs a quarter
+    assert float(jnp.abs(_no_rescale(acc, alpha, pv) - am._flash_update(acc, alpha, pv)).max()) == 0.75
+
+
+def test_mosaic_flash_refuses_what_it_cannot_take():
+    """implementation='mosaic_flash' never falls back silently: a call it cannot take is a
+    ValueError naming every reason (here: the recipe, dtype, T, H, and off a Hopper GPU the GPU)."""
+    from kernels.attention import gqa_attention  # the real kernel: an API check, not a numerics one
+
+    q, k = jnp.zeros((1, 2, 4, 32), jnp.float32), jnp.zeros((1, 8, 2, 32), jnp.float32)
+    named = [r"recipe='fp32_logits' \(got 'hf'", r"bfloat16/float16 inputs \(got float32\)",
+             r"one query a batch row, a decode step \(got T = 2\)", r"a multiple of 64 \(got H = 32\)"]
+    with pytest.raises(ValueError, match="implementation='mosaic_flash' needs " + ".*".join(named)):
+        gqa_attention(q, k, k, implementation="mosaic_flash")
+    q, k = jnp.zeros((1, 1, 130, 64), jnp.bfloat16), jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"at most 64 query heads per kv head \(got 65\)"):
+        gqa_attention(q, k, k, implementation="mosaic_flash", recipe="fp32_logits")
