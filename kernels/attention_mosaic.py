@@ -18,7 +18,8 @@ split of the keys:
     1. ``s = (q . k) * scale``                 wgmma, f32 accumulation; the scale in f32
        softcap ``cap``: ``s = tanh(s / cap) * cap`` in f32 (``kernels.attention.tanh_f32``)
        mask: ``s = -inf`` where the key is not visible (a select: NaN/inf of a masked
-       key cannot leak), and that key's v row zeroed in shared memory (``0 * NaN``)
+       key cannot leak); in a block with some keys masked their v rows are zeroed in
+       shared memory, and a block with none visible has its product dropped (no ``0 * NaN``)
     2. ``m_new = max(m, max_k s)``             the running row max (f32)
     3. ``alpha = exp(m - m_new)``, ``e = exp(s - m_new)``   f32 (1 exactly while the max stays)
     4. ``l = l * alpha + sum_k e``             the row sum, of the unrounded e
@@ -121,8 +122,8 @@ def _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref, scoped, 
     """One (key split, kv head, batch row) program: warpgroups ``0 .. wgs - 1`` compute, each
     on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads.
     ``vis_ref`` (None: every key visible): int32 ``[B, blocks, block_k + VIS_TAIL]``, a
-    key block's record (:func:`_vis_records`), fetched with the block. ``fuse``: the compute warpgroup then takes part in the
-    fused combine (:func:`_combine`, less ``trim``)."""
+    key block's record (:func:`_vis_records`), fetched with the block. ``fuse``: the
+    compute warpgroup then takes part in the fused combine (:func:`_combine`, less ``trim``)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (q_plain, q_smem, k_smem, v_smem, vis_smem, o_smem, ml_smem, out_smem), \
@@ -427,8 +428,9 @@ def mosaic_decode(q, k, v, vis=None, *, scale: float, softcap: float | None = No
     :func:`why_not` names a reason.
 
     ``num_splits``: key splits a kv head (default :func:`default_splits`: one program a
-    SM); ``stages``: key blocks in flight (default :func:`default_stages`); ``q_mode``: ``"rows"`` loads a head's query rows
-    from q in place, ``"padded"`` pads q to 64 rows a head in XLA first (one more launch);
+    SM); ``stages``: key blocks in flight (default :func:`default_stages`); ``q_mode``:
+    ``"rows"`` loads a head's query rows from q in place, ``"padded"`` pads q to 64 rows a
+    head in XLA first (one more launch);
     ``approx``: exp as ex2.approx; ``fuse``: the split combine inside the kernel (module
     docstring; one compute warpgroup, at most 8 query heads a kv head, fewer waiting
     programs than SMs).
