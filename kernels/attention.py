@@ -167,6 +167,35 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, kv_valid, *, causal, sliding_window):
     return vis
 
 
+def _all_keys_used(q_positions, kv_positions, kv_valid, segment_ids, sliding_window) -> bool:
+    """Every key visible to some query: no mask array and no window (causal: the last
+    query, at position S - 1, sees every key)."""
+    return (kv_valid is None and segment_ids is None and sliding_window is None and q_positions is None
+            and kv_positions is None)
+
+
+def _mask_vectors(b: int, t: int, s: int, q_positions, kv_positions, segment_ids):
+    """The per-query and per-key vectors :func:`_visible` compares, int32: positions
+    ``[B,T]``, ``[B,S]`` (defaults ``S - T + t`` and ``s``) and segment ids ``[B,T]``,
+    ``[B,S]`` (None without segments; one array: the queries' are its last T columns)."""
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))  # [B, T]
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))  # [B, S]
+    # Positions compare as int32 (ample for 2^17-token contexts); any int dtype may come in.
+    q_positions = jnp.asarray(q_positions).astype(jnp.int32)
+    kv_positions = jnp.asarray(kv_positions).astype(jnp.int32)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            q_seg, kv_seg = segment_ids
+        else:
+            q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]
+        # One int type for the comparison (the two may come in different int dtypes).
+        q_seg, kv_seg = jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32)
+    return q_positions, kv_positions, q_seg, kv_seg
+
+
 # float32 problems of at most this many score multiply-adds carry their scores as pairs.
 _PAIR_SCORES = 1 << 24
 
@@ -459,24 +488,8 @@ def gqa_attention(
         return _cudnn(q, k, v, scale=scale, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                       kv_valid=kv_valid, segment_ids=segment_ids, sliding_window=sliding_window, softcap=softcap,
                       recipe=recipe, q_chunk=q_chunk)
-    # Every key visible to some query (causal: the last query, at position S - 1, sees all).
-    all_used = (kv_valid is None and segment_ids is None and sliding_window is None and q_positions is None
-                and kv_positions is None)
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))  # [B, T]
-    if kv_positions is None:
-        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))  # [B, S]
-    # Positions compare as int32 (ample for 2^17-token contexts); any int dtype may come in.
-    q_positions = q_positions.astype(jnp.int32)
-    kv_positions = kv_positions.astype(jnp.int32)
-    q_seg = kv_seg = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            q_seg, kv_seg = segment_ids
-        else:
-            q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]
-        # One int type for the comparison (the two may come in different int dtypes).
-        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    all_used = _all_keys_used(q_positions, kv_positions, kv_valid, segment_ids, sliding_window)
+    q_positions, kv_positions, q_seg, kv_seg = _mask_vectors(b, t, s, q_positions, kv_positions, segment_ids)
     # Decided once for the whole problem, so that q_chunk does not change the numerics.
     pair = q.dtype == jnp.float32 and b * n * t * s * h <= _PAIR_SCORES
     opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, recipe=recipe, pair=pair)

@@ -63,7 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._checks import dtype_name
-from kernels.attention import _visible, tanh_f32
+from kernels.attention import _all_keys_used, _mask_vectors, _visible, tanh_f32
 from kernels.linear_mosaic import hopper
 
 _OP = "gqa_attention"
@@ -477,17 +477,8 @@ def mosaic_attention(q, k, v, *, scale, causal, q_positions, kv_positions, kv_va
     if bad:
         raise ValueError(f"{_OP}: implementation='mosaic_flash' needs {'; '.join(bad)}. Use implementation="
                          f"'pallas_flash' (any GPU, every shape) or 'xla'.")
-    every_key = (kv_valid is None and segment_ids is None and sliding_window is None and q_positions is None
-                 and kv_positions is None)  # causal: the one query, at position S - 1, sees every key
     vis = None
-    if not every_key:
-        qp = jnp.full((b, t), s - 1, jnp.int32) if q_positions is None else jnp.asarray(q_positions).astype(jnp.int32)
-        kp = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if kv_positions is None
-              else jnp.asarray(kv_positions).astype(jnp.int32))  # [B, T = 1], [B, S]
-        q_seg = kv_seg = None
-        if segment_ids is not None:
-            q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids[:, s - t:],
-                                                                                       segment_ids)
-            q_seg, kv_seg = jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32)
+    if not _all_keys_used(q_positions, kv_positions, kv_valid, segment_ids, sliding_window):
+        qp, kp, q_seg, kv_seg = _mask_vectors(b, t, s, q_positions, kv_positions, segment_ids)
         vis = _visible(qp, kp, q_seg, kv_seg, kv_valid, causal=causal, sliding_window=sliding_window)[:, 0]  # [B, S]
     return mosaic_decode(q, k, v, vis, scale=scale, softcap=softcap)
