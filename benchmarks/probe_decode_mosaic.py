@@ -141,8 +141,7 @@ def main(argv=None):
     num_sms = jax.devices()[0].core_count
     turn_sides = {}
     for model, (N, K, H) in models.items():
-        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
-                for i in range(4)]
+        sets = step_sets(randn, N, K, H, S)
         nbytes = 2 * S * K * H * 2  # k and v read once
         want = truth(*sets[0])
         flash = functools.partial(gqa_attention, recipe="fp32_logits", implementation="pallas_flash")
@@ -206,6 +205,13 @@ def main(argv=None):
     save()
 
 
+def step_sets(randn, N, K, H, S):
+    """Four decode steps' inputs ``(q [1,1,N,H], k [1,S,K,H], v [1,S,K,H])``, 4 x the cache
+    bytes apart, so that no set is L2-resident when it is read."""
+    return [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
+            for i in range(4)]
+
+
 def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, copy):
     """Part 3: the split combine inside the kernel (``fuse=True``: the head's last H / 16
     programs wait on a semaphore for every split's partials and sum 16 columns each)
@@ -229,8 +235,7 @@ def part_fused(args, res, save, jax, jnp, np, torch, randn, truth, models, S, co
     res["fused"] = {}
     turn_sides = {}
     for model, (N, K, H) in models.items():
-        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
-                for i in range(4)]
+        sets = step_sets(randn, N, K, H, S)
         nbytes = 2 * S * K * H * 2
         want = truth(*sets[0])
         sides = {"triton pallas_flash": functools.partial(gqa_attention, recipe="fp32_logits",
@@ -291,8 +296,7 @@ def part_ship(args, res, save, jax, jnp, np, torch, randn, truth, models, S, cop
     if args.stages:
         return ship_stages(args, res, save, jax, jnp, np, torch, randn, models, S, copy)
     for model, (N, K, H) in models.items():
-        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
-                for i in range(4)]
+        sets = step_sets(randn, N, K, H, S)
         nbytes = 2 * S * K * H * 2
         masks = {"": None, "kv_valid all": jnp.ones((1, S), bool), "kv_valid half": jnp.arange(S)[None] < S // 2}
         for mask, valid in masks.items():
@@ -332,8 +336,7 @@ def ship_stages(args, res, save, jax, jnp, np, torch, randn, models, S, copy):
 
     turn_sides = {}
     for model, (N, K, H) in models.items():
-        sets = [(randn((1, 1, N, H), 3 * i), randn((1, S, K, H), 3 * i + 1), randn((1, S, K, H), 3 * i + 2))
-                for i in range(4)]
+        sets = step_sets(randn, N, K, H, S)
         nbytes = 2 * S * K * H * 2
         every = jnp.ones((1, S), bool)
         for mask, valid in (("", None), ("kv_valid all", every)):
