@@ -849,6 +849,7 @@ def op_lm_head(b: Bench, m: Model, phase: str):
     if phase != "main":
         return
     import kernels
+    from kernels.linear_mosaic import hopper
     torch, jnp = b.torch, b.jnp
     F = torch.nn.functional
     T, D, V = m.T, m.D, m.V
@@ -867,6 +868,14 @@ def op_lm_head(b: Bench, m: Model, phase: str):
             b.run_jax(spec, f"kernels.lm_head(logits_dtype={ld}, w_layout={lay})",
                       lambda h, w, ld=ld, lay=lay: kernels.lm_head(h, w, logits_dtype=ld, w_layout=lay), [(h, ww)],
                       ref=ref, extra={"logits_dtype": ld or "bf16", "w_layout": lay})
+        # The implementation the default does not pick for these logits (kernels.projection.lm_head):
+        # XLA's GEMM for model-dtype logits, the mosaic GEMM (Hopper only) for float32 ones.
+        alt = "mosaic" if ld == "float32" else "xla"
+        if alt == "xla" or hopper():
+            b.run_jax(spec, f"kernels.lm_head(logits_dtype={ld}, w_layout=VD, implementation={alt})",
+                      lambda h, w, ld=ld, alt=alt: kernels.lm_head(h, w, logits_dtype=ld, w_layout="VD",
+                                                                   implementation=alt),
+                      [(h, wv)], ref=ref, extra={"logits_dtype": ld or "bf16", "w_layout": "VD"})
         if ld == "float32":
             b.run_jax(spec, "jnp.matmul default prec, f32 out, w[D,V]",
                       lambda h, w: jnp.matmul(h, w, preferred_element_type=jnp.float32), [(h, w)], ref=ref,
@@ -884,8 +893,8 @@ def op_lm_head(b: Bench, m: Model, phase: str):
         # 1.043 of cuBLAS in session 5, 0.980 and 1.062 in two runs of session 6); in turns,
         # the drift lands on both sides alike. Both weight layouts on both sides; the
         # summary takes ours as the model calls it (w_layout="VD") against the faster torch.
-        jl = b.jax.jit(lambda h, w, lay: kernels.lm_head(h, w, logits_dtype="float32", w_layout=lay),
-                       static_argnums=2)
+        jl = b.jax.jit(lambda h, w, lay, impl=None: kernels.lm_head(h, w, logits_dtype="float32", w_layout=lay,
+                                                                    implementation=impl), static_argnums=(2, 3))
         tsync = lambda _: torch.cuda.synchronize()
         with torch.inference_mode():
             sides = {LM_OURS: (lambda i: jl(h, wv, "VD"), b.jax.block_until_ready),
@@ -893,6 +902,9 @@ def op_lm_head(b: Bench, m: Model, phase: str):
                                                                            b.jax.block_until_ready),
                      "torch.matmul bf16 (cuBLAS), w[D,V]": (lambda i: torch.matmul(th, tw), tsync),
                      "F.linear bf16 (cuBLAS), w[V,D] (HF's nn.Linear)": (lambda i: F.linear(th, twv), tsync)}
+            if hopper():  # the float32 logits on the mosaic GEMM, which the default leaves to XLA's
+                sides["kernels.lm_head(logits_dtype=float32, w_layout=VD, implementation=mosaic)"] = (
+                    lambda i: jl(h, wv, "VD", "mosaic"), b.jax.block_until_ready)
             from devtime import in_turns
 
             spans, _ = in_turns(torch, sides, rounds=b.args.lm_head_turns, calls=b.args.device_calls)

@@ -1,6 +1,7 @@
 """Can a TMA + wgmma GEMM that rounds in its own epilogue close kernels.linear's gap to cuBLAS?
 
-    python3 benchmarks/probe_mosaic_gemm.py --out $OUT/probe_mosaic_gemm_h100.json
+    python3 benchmarks/probe_mosaic_gemm.py --ours --out $OUT/probe_mosaic_gemm_h100.json
+    python3 benchmarks/probe_mosaic_gemm.py --head --head-all --out $OUT/probe_mosaic_gemm_head_h100.json
 
 ``kernels.linear`` keeps torch's recipe (a float32 sum, one rounding to bf16) as a float32
 GEMM followed by a separate convert, because XLA compiles a bf16-output dot on small
@@ -38,6 +39,31 @@ ours 0 ulps from torch on every output of all eleven cases, the XLA path up to 1
 ulps (on 0.04-0.15% of outputs, where the bias cancels the product); the ratios agree
 within 0.03 except 7B k/v 0.936 and 0.5B gate/up 1.42 and down 0.918: the run-to-run
 spread of these short GEMMs.
+
+Part 3 (``--head``, session 15; ``--head-all`` adds the other tilings): ``lm_head`` at the
+Qwen2.5 heads (h ``[4096, D]``, w ``[V, D]`` as the model holds it and ``[D, V]``) on the same
+GEMM, generalised to read an ``[N, K]`` weight in place (wgmma takes the K-contiguous tile
+transposed) and to write its float32 sum unrounded, against ``lm_head(implementation="xla")``
+and torch's bf16 cuBLAS GEMM, in turns. Bits: identical to the XLA path on every logit, both
+layouts, both dtypes of logits, every tiling. Time (x torch bf16; three runs on three
+machines: results/probe_mosaic_gemm_head_run1_h100.json, ..._head_h100.json (run 2, every
+tiling), ..._head_run3_h100.json):
+
+| | 7B | 0.5B |
+| --- | --- | --- |
+| model-dtype logits, mosaic (the default now) | 1.011-1.013 | 0.992-1.001 |
+| model-dtype logits, XLA (f32 GEMM, then a convert) | 0.839-0.846 | 0.550-0.559 |
+| float32 logits, XLA `[V, D]` (the default) | 1.024-1.030 | 0.965-0.978 |
+| float32 logits, mosaic, 128 x 256 blocks, 4 steps, 1 staging slot | 0.968-0.972 | 0.828-0.836 |
+| the same, 3 steps and 2 slots / bands of 16 or 32 tiles | 0.966 / 0.944-0.959 | 0.786-0.796 / 0.836 |
+| the same, other blocks (256 x 128; 128 x 128) | 0.911-0.918; 0.815-0.868 | 0.693 |
+| the same, registers stored straight to global memory (run 3; not kept) | 0.923-0.926 | 0.803-0.810 |
+
+A float32 tile is twice a bf16 one: with the pipeline's four steps it leaves one 64 x 64
+staging slot a warpgroup, and the compute warpgroups' epilogue (which no K loop overlaps)
+costs ~4% at 7B and ~17% at 0.5B (K = 896: 14 steps a block). So the default splits:
+model-dtype logits on the mosaic GEMM (1.2x the XLA path at 7B, 1.8x at 0.5B), float32
+logits on XLA's cuBLAS GEMM.
 """
 
 from __future__ import annotations
@@ -93,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--example", action="store_true", help="part 1: JAX's example kernel, its tilings")
     ap.add_argument("--ours", action="store_true", help="part 2: kernels.linear_mosaic")
+    ap.add_argument("--head", action="store_true", help="part 3: lm_head on kernels.linear_mosaic")
+    ap.add_argument("--head-all", action="store_true", help="part 3 with every tiling of run 2")
     ap.add_argument("--only", default="", help="comma-separated shape names (default: all)")
     args = ap.parse_args(argv)
 
@@ -203,7 +231,94 @@ def main(argv=None):
             print(name, json.dumps(row)[:900], flush=True)
             res["ours_bits"][name] = row
             save()
+    if args.head:
+        res["head"] = part_head(args, save, only, jax, jnp, np, torch, F, kernels, turns, res)
     save()
+
+
+# Part 3: (name, rows, D, V) of the Qwen2.5 lm_head at prefill
+HEADS = (("7b lm_head", 4096, 3584, 152064), ("0.5b lm_head", 4096, 896, 151936))
+
+
+def part_head(args, save, only, jax, jnp, np, torch, F, kernels, turns, res):
+    """Part 3: ``lm_head`` (float32 and model-dtype logits) on the mosaic GEMM, both weight
+    layouts and a few tilings, against its XLA path and torch's bf16 cuBLAS GEMM, in turns."""
+    import dataclasses as dc
+
+    import kernels.linear_mosaic as lm
+
+    jsync = jax.block_until_ready
+    tsync = lambda _: torch.cuda.synchronize()  # noqa: E731
+    num_sms = jax.devices()[0].core_count
+    out = {}
+    key = jax.random.PRNGKey(1)
+    for name, m, d, v in HEADS:
+        if only and name not in only:
+            continue
+        kx, kw, key = jax.random.split(key, 3)
+        h = jax.random.normal(kx, (m, d), jnp.float32).astype(jnp.bfloat16)
+        w_vd = (jax.random.normal(kw, (v, d), jnp.float32) * 0.02).astype(jnp.bfloat16)  # [V, D]: HF's
+        w_dv = jnp.asarray(w_vd.T)  # [D, V]: a real copy
+        th, tvd, tdv = torch.from_dlpack(h), torch.from_dlpack(w_vd), torch.from_dlpack(w_dv)
+        flops = 2 * m * d * v
+        row = {"shape": [m, d, v], "variants": {}, "bits": {}}
+        print(f"{name} h[{m},{d}] w[{v},{d}]", flush=True)
+
+        def xla(layout, ld):
+            return jax.jit(lambda h, w: kernels.lm_head(h, w, logits_dtype=ld, w_layout=layout, implementation="xla"))
+
+        ref = {ld: np.asarray(xla("VD", ld)(h, w_vd)) for ld in ("float32", None)}
+        t0 = lm.tiling(m, v, d, num_sms, out_itemsize=4)
+        # (name: (tiling, semantics)); run 1 also timed bands of 16 and 32 tiles, run 3 an epilogue
+        # storing registers straight to global memory: slower (see the docstring)
+        tilings = {"default": (t0, "warpgroup")}
+        if args.head_all:
+            tilings["steps 3, slots 2"] = (dc.replace(t0, steps=3, slots=2), "warpgroup")
+            # the other 2-warpgroup blocks; 128 x 128 blocks, whose float32 tile a warpgroup stages whole (2 slots)
+            for other in (lm.Tiling(128, 128, "m" if t0.wg_dim == "n" else "n", 4, slots=1),
+                          lm.Tiling(128, 64, "n", 5), lm.Tiling(64, 128, "m", 5)):
+                if m % other.block[0] == 0 and v % other.block[1] == 0:
+                    tilings[f"{other.tile_m}x{other.tile_n} wg_dim {other.wg_dim}"] = (other, "warpgroup")
+        sides = {"torch.matmul bf16, w[D,V]": (lambda i: torch.matmul(th, tdv), tsync),
+                 "F.linear bf16, w[V,D]": (lambda i: F.linear(th, tvd), tsync),
+                 "lm_head f32 xla VD": (lambda i, f=xla("VD", "float32"): f(h, w_vd), jsync),
+                 "lm_head f32 xla DV": (lambda i, f=xla("DV", "float32"): f(h, w_dv), jsync)}
+        for tn, (t, sem) in tilings.items():
+            for layout, w in (("NK", w_vd),) + ((("KN", w_dv),) if tn == "default" else ()):
+                vname = f"mosaic f32 {layout} {tn}"
+                try:
+                    f = jax.jit(functools.partial(lm._call, b=None, t=t, num_sms=num_sms, semantics=sem,
+                                                  w_layout=layout, out_dtype="float32"))
+                    o = np.asarray(jsync(f(h, w)))
+                    r = ref["float32"]
+                    row["bits"][vname] = {"tiling": dc.asdict(t), "smem": lm.smem_bytes(t, 2, 4),
+                                          "identical": float(np.mean(o == r)),
+                                          "max_abs_over_max_ref": float(np.abs(o - r).max() / np.abs(r).max())}
+                    sides[vname] = (lambda i, f=f, w=w: f(h, w), jsync)
+                except Exception as e:  # noqa: BLE001 - a tiling that does not lower is a result
+                    row["bits"][vname] = {"tiling": dc.asdict(t), "error": f"{type(e).__name__}: {str(e)[-600:]}"}
+                print("   ", vname, json.dumps(row["bits"][vname])[:600], flush=True)
+        # model-dtype logits: the public entry point both ways
+        fb = jax.jit(lambda h, w: kernels.lm_head(h, w, w_layout="VD", implementation="mosaic"))
+        row["bits"]["mosaic bf16 VD"] = bits(np, np.asarray(fb(h, w_vd)), ref[None])
+        sides["lm_head bf16 xla VD"] = (lambda i, f=xla("VD", None): f(h, w_vd), jsync)
+        sides["lm_head bf16 mosaic VD"] = (lambda i: fb(h, w_vd), jsync)
+        # the public default (implementation=None) on this device: the mosaic GEMM for bf16 logits
+        fpub = jax.jit(lambda h, w: kernels.lm_head(h, w, w_layout="VD"))
+        row["bits"]["public default bf16 VD"] = {"identical_to_mosaic": float(np.mean(
+            np.asarray(fpub(h, w_vd)) == np.asarray(fb(h, w_vd))))}
+        print("    bits", json.dumps(row["bits"]["mosaic bf16 VD"]), json.dumps(row["bits"]["public default bf16 VD"]))
+        row["turns"] = turns(sides, flops, "torch.matmul bf16, w[D,V]")
+        out[name] = row
+        res["head"] = out
+        save()
+        del h, w_vd, w_dv, th, tvd, tdv
+    return out
+
+
+def bits(np, a, b):
+    """Two 16-bit outputs: the fraction identical and the largest gap in their ulps."""
+    return {"identical": float(np.mean(a == b)), "max_ulps": ulps_16bit(np, a, b)}
 
 
 def part_example(args, res, save, only, jax, jnp, np, torch, F, kernels, device_span, turns):

@@ -10,10 +10,15 @@ every shape it takes:
 
     1. ``acc = sum_k x[m, k] * w[k, n]``   wgmma, float32 accumulator (K in order, 64 a step)
     2. ``acc = acc + float32(b[n])``       the bias, in float32, after the whole sum
-    3. ``y = dt(acc)``                     one rounding, to x's dtype
+    3. ``y = dt(acc)``                     one rounding, to x's dtype (or none: ``out_dtype=float32``
+                                           returns the accumulator itself, lm_head's float32 logits)
 
 Bits: identical to ``kernels.linear``'s XLA path and to torch's ``F.linear`` (cuBLAS) on
 every element of the seven Qwen2.5 prefill projections measured (probe_mosaic_gemm.py).
+
+The weight is ``[K, N]`` (``w_layout="KN"``, linear's ``[in, out]``) or ``[N, K]`` (``"NK"``:
+nn.Linear's ``[out, in]``, lm_head's ``[V, D]``); an ``[N, K]`` tile is K-contiguous like x's,
+and wgmma reads it transposed in shared memory, so neither layout is copied.
 
 The kernel: a persistent grid (one program per SM) walks the output tiles in a snake
 order that keeps a band of x's rows in L2. Each program has two compute warpgroups,
@@ -50,13 +55,15 @@ MEMORY_REGISTERS = 40  # registers a thread of the memory warpgroup keeps (the r
 class Tiling:
     """One program's output block: two warpgroups' ``tile_m x tile_n`` accumulators, side by
     side along ``wg_dim`` ("n": block ``tile_m x 2 tile_n``; "m": ``2 tile_m x tile_n``);
-    ``steps`` K-steps in flight; tiles visited in bands ``band`` tiles wide along M."""
+    ``steps`` K-steps in flight; tiles visited in bands ``band`` tiles wide along M; at most
+    ``slots`` EPI x EPI output tiles a warpgroup staged in shared memory at once."""
 
     tile_m: int
     tile_n: int
     wg_dim: str
     steps: int
     band: int = 8
+    slots: int = 2
 
     @property
     def block(self) -> tuple[int, int]:
@@ -70,17 +77,46 @@ class Tiling:
 TILINGS = (Tiling(128, 128, "n", 4), Tiling(128, 128, "m", 4), Tiling(128, 64, "n", 5), Tiling(64, 128, "m", 5))
 
 
-def tiling(m: int, n: int, k: int, num_sms: int) -> Tiling | None:
+W_LAYOUTS = ("KN", "NK")  # the weight [K, N] (linear's [in, out]) or [N, K] (nn.Linear's, lm_head's [V, D])
+SMEM_BYTES = 227 * 1024  # shared memory a Hopper block may use; the 7B 128 x 256 blocks with 4 steps and
+# two bf16 staging slots take 225 KiB of it (smem_bytes)
+
+
+def tiling(m: int, n: int, k: int, num_sms: int, *, out_itemsize: int = 2) -> Tiling | None:
     """The first of :data:`TILINGS` whose block divides ``[M, N]`` and gives at least half as
     many blocks as SMs; else the dividing one with the most blocks; None if none divides
-    (or K % 64 != 0)."""
+    (or K % 64 != 0). Its staging slots are cut to keep a wider output (float32 logits) in
+    the shared memory a bf16 one takes (:func:`_fit`)."""
     if k % TILE_K:
         return None
     fits = [t for t in TILINGS if m % t.block[0] == 0 and n % t.block[1] == 0]
     for t in fits:
         if (m // t.block[0]) * (n // t.block[1]) * 2 >= num_sms:
-            return t
-    return max(fits, key=lambda t: (m // t.block[0]) * (n // t.block[1]), default=None)
+            return _fit(t, out_itemsize)
+    best = max(fits, key=lambda t: (m // t.block[0]) * (n // t.block[1]), default=None)
+    return None if best is None else _fit(best, out_itemsize)
+
+
+def smem_bytes(t: Tiling, in_itemsize: int, out_itemsize: int) -> int:
+    """Shared memory a program of tiling ``t`` allocates: ``steps`` x and w tiles in flight,
+    each warpgroup's staging slots, the bias (at most 2 x 256 x 4 bytes, counted always)."""
+    bm, bn = t.block
+    return (t.steps * (bm + bn) * TILE_K * in_itemsize + 2 * _slots(t) * EPI * EPI * out_itemsize
+            + 2 * t.tile_n * 4)
+
+
+def _slots(t: Tiling) -> int:
+    """Staging slots a warpgroup uses: ``t.slots``, at most its tile's count of EPI x EPI tiles."""
+    return max(1, min(t.slots, (t.tile_m * t.tile_n) // (EPI * EPI)))
+
+
+def _fit(t: Tiling, out_itemsize: int) -> Tiling:
+    """``t`` with fewer staging slots, then fewer steps, until it fits :data:`SMEM_BYTES`."""
+    while smem_bytes(t, 2, out_itemsize) > SMEM_BYTES and _slots(t) > 1:
+        t = dataclasses.replace(t, slots=_slots(t) - 1)
+    while smem_bytes(t, 2, out_itemsize) > SMEM_BYTES and t.steps > 2:
+        t = dataclasses.replace(t, steps=t.steps - 1)
+    return t
 
 
 def hopper() -> bool:
@@ -89,7 +125,7 @@ def hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def why_not(x_shape, w_shape, dtype) -> str:
+def why_not(x_shape, w_shape, dtype, *, w_layout: str = "KN", out_dtype=None) -> str:
     """Why :func:`mosaic_linear` cannot take this call here ("" when it can)."""
     if not hopper():
         return f"a Hopper GPU (compute capability 9.x; JAX's default device is {jax.devices()[0].device_kind!r})"
@@ -98,8 +134,9 @@ def why_not(x_shape, w_shape, dtype) -> str:
     m = 1
     for s in x_shape[:-1]:
         m *= s
-    k, n = w_shape
-    if tiling(m, n, k, jax.devices()[0].core_count) is None:
+    k, n = w_shape if w_layout == "KN" else w_shape[::-1]
+    out_itemsize = jnp.dtype(out_dtype or dtype).itemsize
+    if tiling(m, n, k, jax.devices()[0].core_count, out_itemsize=out_itemsize) is None:
         blocks = ", ".join(f"{a}x{b}" for a, b in sorted({t.block for t in TILINGS}))
         return (f"K % {TILE_K} == 0 and [rows, N] divisible by one of the blocks {blocks} "
                 f"(got rows = {m}, K = {k}, N = {n})")
@@ -108,13 +145,14 @@ def why_not(x_shape, w_shape, dtype) -> str:
 
 def _epilogue(acc, bias, dt):
     """Steps 2 and 3 on a float32 accumulator tile: the bias (float32, broadcast over rows,
-    or None) added after the whole sum, then the one rounding to ``dt``."""
+    or None) added after the whole sum, then the one rounding to ``dt`` (none for float32)."""
     if bias is not None:
         acc = acc + bias
-    return acc.astype(dt)
+    return acc.astype(dt)  # the single rounding to the output dtype (a no-op for float32 logits)
 
 
-def _body(*refs, t: Tiling, m_blocks: int, n_blocks: int, k_steps: int, has_bias: bool, semantics: str):
+def _body(*refs, t: Tiling, m_blocks: int, n_blocks: int, k_steps: int, has_bias: bool, semantics: str,
+          w_layout: str):
     """One program (persistent over output blocks); refs: x, w, (b), out in GMEM."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -129,14 +167,20 @@ def _body(*refs, t: Tiling, m_blocks: int, n_blocks: int, k_steps: int, has_bias
               plgpu.SwizzleTransform(out_swizzle))
     bm, bn = t.block
 
+    nk = w_layout == "NK"
+    if nk:  # w [N, K]: a [bn, TILE_K] tile, K-contiguous as x's
+        w_spec = plgpu.BlockSpec((bn, TILE_K), lambda kk: (0, kk), transforms=in_tr, memory_space=plgpu.SMEM)
+    else:  # w [K, N]: a [TILE_K, bn] tile
+        w_spec = plgpu.BlockSpec((TILE_K, bn), lambda kk: (kk, 0), transforms=in_tr, memory_space=plgpu.SMEM)
+
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_steps,), memory_registers=MEMORY_REGISTERS,
             in_specs=[plgpu.BlockSpec((bm, TILE_K), lambda kk: (0, kk), transforms=in_tr, memory_space=plgpu.SMEM),
-                      plgpu.BlockSpec((TILE_K, bn), lambda kk: (kk, 0), transforms=in_tr, memory_space=plgpu.SMEM)],
+                      w_spec],
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=t.steps, compute_context=compute_context)
 
-    slots = min(2, (t.tile_m * t.tile_n) // (EPI * EPI))  # double-buffered staging, if more than one tile
+    slots = _slots(t)  # double-buffered staging where the tiling allows (see _fit)
     scratch = dict(
         allocs=pipeline(lambda *a, **k: None, lambda *a, **k: None).get_allocations(x_gmem, w_gmem),
         out_smem=plgpu.SMEM((2, slots, EPI, EPI), o_gmem.dtype, transforms=out_tr),  # [wg, slot, EPI, EPI]
@@ -189,48 +233,57 @@ def _body(*refs, t: Tiling, m_blocks: int, n_blocks: int, k_steps: int, has_bias
                                 .at[pl.ds(i * EPI, EPI), pl.ds(j * EPI, EPI)])
 
             def mma(_, x_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, x_smem.at[wm], w_smem.at[:, wn])
+                # w's [TILE_K, tile_n] operand; from an [N, K] tile, its transpose (wgmma reads it so)
+                w_op = plgpu.transpose_ref(w_smem.at[wn], (1, 0)) if nk else w_smem.at[:, wn]
+                plgpu.wgmma(acc_ref, x_smem.at[wm], w_op)
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(mma, compute_context)(x_gmem.at[pl.ds(mi * bm, bm), :], w_gmem.at[:, pl.ds(ni * bn, bn)],
-                                          allocations=allocs)
+            w_block = w_gmem.at[pl.ds(ni * bn, bn), :] if nk else w_gmem.at[:, pl.ds(ni * bn, bn)]
+            pipeline(mma, compute_context)(x_gmem.at[pl.ds(mi * bm, bm), :], w_block, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store issued has read its staging tile
 
 
-@functools.partial(jax.jit, static_argnames=("t", "num_sms", "semantics"))
-def _call(x2, w, b, *, t: Tiling, num_sms: int, semantics: str):
+@functools.partial(jax.jit, static_argnames=("t", "num_sms", "semantics", "w_layout", "out_dtype"))
+def _call(x2, w, b, *, t: Tiling, num_sms: int, semantics: str, w_layout: str = "KN", out_dtype=None):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x2.shape
-    n = w.shape[1]
+    n = w.shape[1] if w_layout == "KN" else w.shape[0]
     bm, bn = t.block
     body = functools.partial(_body, t=t, m_blocks=m // bm, n_blocks=n // bn, k_steps=k // TILE_K,
-                             has_bias=b is not None, semantics=semantics)
+                             has_bias=b is not None, semantics=semantics, w_layout=w_layout)
     sem = plgpu.LoweringSemantics.Warpgroup if semantics == "warpgroup" else plgpu.LoweringSemantics.Lane
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), x2.dtype), grid=(num_sms,), grid_names=("sm",),
+    out = jax.ShapeDtypeStruct((m, n), out_dtype or x2.dtype)  # [M, N]
+    f = plgpu.kernel(body, out_type=out, grid=(num_sms,), grid_names=("sm",),
                      num_threads=3, thread_name="wg",  # 2 compute warpgroups + 1 memory warpgroup
                      compiler_params=plgpu.CompilerParams(lowering_semantics=sem))
     return f(x2, w, b) if b is not None else f(x2, w)
 
 
-def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, semantics: str = "warpgroup"
-                  ) -> jax.Array:
+def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, semantics: str = "warpgroup",
+                  w_layout: str = "KN", out_dtype: str | None = None, op: str = "linear") -> jax.Array:
     """``kernels.linear(x, w, b)`` (same recipe; arguments checked there) as the Hopper GEMM
     above. ValueError, naming what is missing, where :func:`why_not` names a reason.
 
     ``semantics``: Mosaic GPU's lowering, ``"warpgroup"`` or ``"lane"``; both lower this
     kernel to the same bits at the same speed (probe_mosaic_gemm.py), the choice is kept so
     that a JAX release that breaks one can be checked against the other.
+    ``w_layout``: ``"KN"`` (w ``[K, N]``) or ``"NK"`` (w ``[N, K]``, read in place).
+    ``out_dtype``: None (x's dtype: step 3 rounds) or ``"float32"`` (the accumulator, unrounded:
+    lm_head's float32 logits). ``op`` names the caller in errors.
     """
-    require_choice("semantics", semantics, SEMANTICS, op="linear")
-    why = why_not(x.shape, w.shape, x.dtype)
+    require_choice("semantics", semantics, SEMANTICS, op=op)
+    require_choice("w_layout", w_layout, W_LAYOUTS, op=op)
+    require_choice("out_dtype", out_dtype, (None, "float32"), op=op)
+    why = why_not(x.shape, w.shape, x.dtype, w_layout=w_layout, out_dtype=out_dtype)
     if why:
-        raise ValueError(f"linear: implementation='mosaic' needs {why}; use implementation='xla'")
-    k, n = w.shape
+        raise ValueError(f"{op}: implementation='mosaic' needs {why}; use implementation='xla'")
+    k, n = w.shape if w_layout == "KN" else w.shape[::-1]
     x2 = x.reshape(-1, k)  # [M, K]: the leading dims flattened (free for a contiguous x)
     num_sms = jax.devices()[0].core_count
-    t = tiling(x2.shape[0], n, k, num_sms)
-    out = _call(x2, w, b, t=t, num_sms=num_sms, semantics=semantics)  # [M, N]
+    t = tiling(x2.shape[0], n, k, num_sms, out_itemsize=jnp.dtype(out_dtype or x.dtype).itemsize)
+    out = _call(x2, w, b, t=t, num_sms=num_sms, semantics=semantics, w_layout=w_layout,
+                out_dtype=out_dtype)  # [M, N]
     return out.reshape(*x.shape[:-1], n)  # [..., N]

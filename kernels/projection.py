@@ -24,6 +24,8 @@ writing float32, then the bias and the rounding as separate ops) and ``"mosaic"`
 (``kernels.linear_mosaic``: one Hopper GEMM doing all three steps, its epilogue adding the
 bias and rounding; bf16/f16, the shapes it tiles). The default is ``"mosaic"`` where JAX's
 device is a Hopper GPU and the call fits it: no float32 round trip through memory.
+``lm_head`` has the same two (the mosaic GEMM reads its ``[V, D]`` weight in place too); its
+default takes the mosaic GEMM for model-dtype logits only (see :func:`lm_head`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from kernels._dot import dot_f32
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 LOGITS_DTYPES = (None, "float32")
-IMPLEMENTATIONS = ("xla", "mosaic")  # linear's; see linear()
+IMPLEMENTATIONS = ("xla", "mosaic")  # linear's and lm_head's; see linear(), lm_head()
 W_LAYOUTS = ("DV", "VD")  # lm_head's weight: [D, V] (the kernels' [in, out]) or [V, D] (nn.Linear's, a tied table)
 
 
@@ -103,7 +105,8 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
     return acc.astype(x.dtype)  # the single rounding, to the model dtype
 
 
-def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_layout: str = "DV") -> jax.Array:
+def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_layout: str = "DV",
+            implementation: str | None = None) -> jax.Array:
     """Logits ``h[..., D] @ w[D, V]``, or ``h @ w[V, D]^T`` with ``w_layout="VD"``.
 
     Recipe:
@@ -124,6 +127,18 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
         logits) runs 4.5% faster as ``"VD"``: 5.57 against 5.82 ms, XLA picking another
         cuBLAS kernel (benchmarks/results/probe_layout_h100.json), so the Qwen2 model stores
         its head ``[V, D]``.
+      implementation: ``"xla"`` (any backend: XLA's GEMM, writing float32; then the rounding
+        for model-dtype logits), ``"mosaic"`` (``kernels.linear_mosaic``, the Hopper GEMM of
+        :func:`linear`, both layouts read in place: its epilogue writes the float32 sum as
+        it is, or rounds it once; bf16/f16, the shapes it tiles; ValueError naming what is
+        missing elsewhere) or ``None``: for model-dtype logits ``"mosaic"`` where JAX's
+        default device is a Hopper GPU and the call fits it, else ``"xla"``; for float32
+        logits ``"xla"``. The same recipe and, on an H100, the same bits either way. Why the
+        split (benchmarks/probe_mosaic_gemm.py --head, three runs, in turns; x torch's bf16
+        cuBLAS GEMM): model-dtype logits run at 1.01 on the mosaic GEMM against 0.84 on XLA's
+        (a float32 GEMM, then a convert) at 7B, 0.99-1.00 against 0.55 at 0.5B; float32
+        logits at 0.97 against 1.02-1.03 (7B) and 0.83 against 0.97 (0.5B): the float32
+        tile's stores hold up the next block's K loop, which cuBLAS's epilogue does not.
 
     Returns:
       ``[..., V]`` logits in ``h.dtype`` or float32.
@@ -138,6 +153,13 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
             f"lm_head: w must have shape [{w_layout[0]}, {w_layout[1]}] (w_layout={w_layout!r}) with "
             f"D = {h.shape[-1] if h.ndim else '?'} (last dim of h {tuple(h.shape)}), got {tuple(w.shape)}"
         )
+    require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="lm_head")
+    if implementation != "xla":
+        from kernels.linear_mosaic import mosaic_linear, why_not
+
+        mw = "KN" if w_layout == "DV" else "NK"  # the GEMM's names for the two layouts
+        if implementation == "mosaic" or (logits_dtype is None and not why_not(h.shape, w.shape, h.dtype, w_layout=mw)):
+            return mosaic_linear(h, w, w_layout=mw, out_dtype=logits_dtype, op="lm_head")
     acc = dot_f32(h, w, w_contract=d_axis, f32_result=logits_dtype == "float32")  # f32 [..., V], no transpose
     if logits_dtype == "float32":
         return acc  # f32 logits asked for: no rounding at all

@@ -37,14 +37,16 @@ def test_kernel_within_budget(tolerances, dtype, recipe, data):
 MOSAIC = H.implementations["mosaic"]
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", MOSAIC.dtypes)
 @given(data=st.data())
-def test_mosaic_within_budget(tolerances, dtype, data):
-    """implementation="mosaic" (the Hopper GEMM rounding in its epilogue) against the oracle
-    and the float64 truth under its own budget (implementations.mosaic), on the shapes it
-    tiles. Off a GPU the same cases must be refused, naming the Hopper GPU: its case
-    strategy draws nothing else it cannot take."""
-    case = data.draw(H.cases(dtype=dtype, **MOSAIC.case_opts), label="case")
+def test_mosaic_within_budget(tolerances, dtype, recipe, data):
+    """implementation="mosaic" (the Hopper GEMM rounding in its epilogue, or writing its
+    float32 sum for float32 logits) against the oracle and the float64 truth under its own
+    budget (implementations.mosaic), on the shapes it tiles, for linear and lm_head (both
+    weight layouts). Off a GPU the same cases must be refused, naming the Hopper GPU: its
+    case strategy draws nothing else it cannot take."""
+    case = data.draw(H.cases(dtype=dtype, recipe=recipe, **MOSAIC.case_opts), label="case")
     if backend() == "gpu":
         check_case(case, tolerances, implementation="mosaic")
         return
@@ -58,6 +60,47 @@ def _bias_after_rounding(acc, bias, dt):
     (torch's order is the other way round; it moves ~25% of bf16 outputs by an ulp)."""
     r = acc.astype(dt).astype(jnp.float32)  # the extra rounding
     return (r if bias is None else r + bias).astype(dt)
+
+
+def _logits_through_bf16(acc, bias, dt):
+    """A mutant of kernels.linear_mosaic._epilogue: float32 logits that went through bf16 (a
+    model-dtype store in a float32 head, the bug behind HF's float32 upcast of the logits)."""
+    return _bias_after_rounding(acc.astype(jnp.bfloat16).astype(jnp.float32), bias, dt)
+
+
+def _head_case():
+    """A float32-logits lm_head case that the mosaic GEMM tiles (V = 4864: 128 x 128 blocks)."""
+    return Case(op="projection", dtype="bfloat16", shapes={"x": (256, 896), "w": (4864, 896)},
+                kwargs={"recipe": "lm_head_f32", "w_layout": "VD"},
+                data={"x": {"seed": 6, "log10_scale": [0, 0], "outliers": 0, "outlier_mult": 20.0,
+                            "tiny_rows": False, "special": "none"}, "w_std": "init", "b_scale": 0.1,
+                      "fp16_headroom": 0.9})
+
+
+def test_mosaic_budget_catches_float32_logits_through_bf16(tolerances, monkeypatch):
+    """The mosaic budget for float32 logits can fail: the epilogue mutated to round the sum
+    to bf16 before writing it as float32 breaches it on a GPU. Off a GPU, the mutant is
+    checked to move this case's exact float32 sums far past that budget."""
+    import kernels.linear_mosaic as lm
+
+    case = _head_case()
+    if backend() == "gpu":
+        check_case(case, tolerances, implementation="mosaic")  # the real kernel passes
+        jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
+        monkeypatch.setattr(lm, "_epilogue", _logits_through_bf16)
+        with pytest.raises(AssertionError, match="parity"):
+            check_case(case, tolerances, implementation="mosaic")
+        jax.clear_caches()
+        return
+    inp = _inputs(case)
+    h, w = (np.asarray(inp[k], np.float64) for k in ("x", "w"))
+    acc = jnp.asarray(h @ w.T, jnp.float32)  # [rows, V]: the float32 sums, to 1 rounding
+    real = np.asarray(lm._epilogue(acc, None, jnp.float32), np.float64)
+    mutant = np.asarray(_logits_through_bf16(acc, None, jnp.float32), np.float64)
+    budget = tolerances.lookup("projection", "bfloat16", "gpu", "lm_head_f32", implementation="mosaic")
+    ulp = np.spacing(np.abs(np.asarray(acc, np.float32))).astype(np.float64)  # [rows, V] one f32 ulp each
+    assert np.array_equal(real, np.asarray(acc, np.float64)), "float32 logits are the sum itself, unrounded"
+    assert np.max(np.abs(mutant - real) / ulp) > 100 * budget.parity.max_ulps, "the mutant must breach the budget"
 
 
 def test_mosaic_budget_catches_the_bias_added_after_rounding(tolerances, monkeypatch):
@@ -245,6 +288,7 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="VD"), r"w must have shape \[V, D\] \(w_layout='VD'\) with D = 64.*got \(64, 100\)"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="vd"), r"w_layout must be one of \['DV', 'VD'\], got 'vd'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), logits_dtype="bfloat16"), r"logits_dtype must be one of \[None, 'float32'\], got 'bfloat16'"),
+        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), implementation="cublas"), r"lm_head: implementation must be one of \[None, 'xla', 'mosaic'\], got 'cublas'"),
     ],
 )
 def test_bad_input_raises_value_error(fn, match):
@@ -265,6 +309,41 @@ def test_mosaic_refuses_what_it_cannot_take(x_shape, w_shape, dtype, named):
         named = r"a Hopper GPU \(compute capability 9\.x; JAX's default device is 'cpu'\)"
     with pytest.raises(ValueError, match=r"linear: implementation='mosaic' needs " + named):
         k_linear(x, w, implementation="mosaic")
+
+
+@pytest.mark.parametrize("h_shape, w_shape, w_layout, logits, dtype, named", [
+    ((128, 64), (4864, 64), "VD", "float32", jnp.float32, r"bfloat16/float16 inputs \(got float32"),
+    ((100, 64), (64, 4864), "DV", None, jnp.bfloat16, r"K % 64 == 0 .* \(got rows = 100, K = 64, N = 4864\)"),
+    ((128, 96), (1000, 96), "VD", "float32", jnp.float16, r"K % 64 == 0 .* \(got rows = 128, K = 96, N = 1000\)"),
+])
+def test_mosaic_lm_head_refuses_what_it_cannot_take(h_shape, w_shape, w_layout, logits, dtype, named):
+    """lm_head(implementation='mosaic') names what it lacks, with lm_head's name, and never
+    falls back; off a Hopper GPU it names the GPU."""
+    h, w = jnp.zeros(h_shape, dtype), jnp.zeros(w_shape, dtype)
+    if backend() != "gpu":
+        named = r"a Hopper GPU \(compute capability 9\.x; JAX's default device is 'cpu'\)"
+    with pytest.raises(ValueError, match=r"lm_head: implementation='mosaic' needs " + named):
+        k_lm_head(h, w, logits_dtype=logits, w_layout=w_layout, implementation="mosaic")
+
+
+@pytest.mark.parametrize("logits_dtype, w_layout, takes_mosaic", [
+    (None, "VD", "NK"), (None, "DV", "KN"), ("float32", "VD", None), ("float32", "DV", None)])
+def test_lm_head_default_implementation(monkeypatch, logits_dtype, w_layout, takes_mosaic):
+    """implementation=None on a Hopper GPU: model-dtype logits go to the mosaic GEMM (with the
+    weight's layout named as the GEMM names it), float32 logits stay on XLA's GEMM, the faster
+    there (kernels.projection.lm_head says why). Checked here with the GPU's answer stubbed."""
+    import kernels.linear_mosaic as lm
+
+    calls = []
+    monkeypatch.setattr(lm, "why_not", lambda *a, **k: "")  # as on a Hopper GPU, for a shape that tiles
+    monkeypatch.setattr(lm, "mosaic_linear", lambda h, w, **kw: calls.append(kw) or "mosaic")
+    h = jnp.ones((128, 64), jnp.bfloat16)
+    w = jnp.ones((256, 64) if w_layout == "VD" else (64, 256), jnp.bfloat16)
+    out = k_lm_head(h, w, logits_dtype=logits_dtype, w_layout=w_layout)
+    if takes_mosaic is None:
+        assert calls == [] and out.shape == (128, 256) and out.dtype == jnp.float32
+    else:
+        assert out == "mosaic" and calls == [{"w_layout": takes_mosaic, "out_dtype": None, "op": "lm_head"}]
 
 
 def test_mosaic_is_not_run_on_a_gpu_that_is_not_hopper(tolerances, monkeypatch):
