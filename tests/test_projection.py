@@ -68,6 +68,19 @@ def _logits_through_bf16(acc, bias, dt):
     return _bias_after_rounding(acc.astype(jnp.bfloat16).astype(jnp.float32), bias, dt)
 
 
+def _real_passes_mutant_fails(case, tolerances, monkeypatch, mutant):
+    """On a GPU: the mosaic kernel passes ``case`` under its budget, and fails parity with its
+    epilogue replaced by ``mutant``."""
+    import kernels.linear_mosaic as lm
+
+    check_case(case, tolerances, implementation="mosaic")  # the real kernel passes
+    jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
+    monkeypatch.setattr(lm, "_epilogue", mutant)
+    with pytest.raises(AssertionError, match="parity"):
+        check_case(case, tolerances, implementation="mosaic")
+    jax.clear_caches()
+
+
 def _head_case():
     """A float32-logits lm_head case that the mosaic GEMM tiles (V = 4864: 128 x 128 blocks)."""
     return Case(op="projection", dtype="bfloat16", shapes={"x": (256, 896), "w": (4864, 896)},
@@ -85,12 +98,7 @@ def test_mosaic_budget_catches_float32_logits_through_bf16(tolerances, monkeypat
 
     case = _head_case()
     if backend() == "gpu":
-        check_case(case, tolerances, implementation="mosaic")  # the real kernel passes
-        jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
-        monkeypatch.setattr(lm, "_epilogue", _logits_through_bf16)
-        with pytest.raises(AssertionError, match="parity"):
-            check_case(case, tolerances, implementation="mosaic")
-        jax.clear_caches()
+        _real_passes_mutant_fails(case, tolerances, monkeypatch, _logits_through_bf16)
         return
     inp = _inputs(case)
     h, w = (np.asarray(inp[k], np.float64) for k in ("x", "w"))
@@ -116,12 +124,7 @@ def test_mosaic_budget_catches_the_bias_added_after_rounding(tolerances, monkeyp
                             "special": "none"}, "w_std": "fan_in",
                       "b_scale": 3.0, "fp16_headroom": 0.9})
     if backend() == "gpu":
-        check_case(case, tolerances, implementation="mosaic")  # the real kernel passes
-        jax.clear_caches()  # the mutant must be traced anew, not served from the jit caches
-        monkeypatch.setattr(lm, "_epilogue", _bias_after_rounding)
-        with pytest.raises(AssertionError, match="parity"):
-            check_case(case, tolerances, implementation="mosaic")
-        jax.clear_caches()
+        _real_passes_mutant_fails(case, tolerances, monkeypatch, _bias_after_rounding)
         return
     inp = _inputs(case)
     x, w, b = (np.asarray(inp[k], np.float64) for k in ("x", "w", "b"))
