@@ -61,7 +61,8 @@ def drive(x, w, b=None, *, recipe: str = "linear", w_layout: str = "DV", impleme
 
     ``recipe`` picks the function (``"linear"``: ``linear(x, w, b, implementation=...)``;
     ``"lm_head"`` / ``"lm_head_f32"``: ``lm_head(x, w, logits_dtype=None / "float32",
-    w_layout=w_layout, implementation=...)``). Mutants (``oracles/mutants/projection.py``) replace this whole function.
+    w_layout=w_layout, implementation=...)``). Mutants (``oracles/mutants/projection.py``)
+    replace this whole function.
     """
     from kernels.projection import linear as k_linear
     from kernels.projection import lm_head as k_lm_head
