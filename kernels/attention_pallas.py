@@ -101,7 +101,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels._checks import next_pow2, require_choice, require_pow2
 from kernels._round import round_to, round_to_in_kernel
-from kernels.attention import _check, tanh_f32
+from kernels.attention import _check, _mask_vectors, tanh_f32
 
 _OP = "pallas_attention"
 _MIN_BLOCK = 16  # tl.dot's smallest M, N and K
@@ -787,32 +787,24 @@ def pallas_attention(
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
     default_positions = q_positions is None and kv_positions is None
-    if not default_positions:  # one explicit table: the other gets its default values
-        if q_positions is None:
-            q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))  # [B, T]
-        if kv_positions is None:
-            kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))  # [B, S]
-        # Positions compare as int32 inside the kernel (any int dtype may come in).
-        q_positions = jnp.asarray(q_positions).astype(jnp.int32)
-        kv_positions = jnp.asarray(kv_positions).astype(jnp.int32)
+    has_segments = segment_ids is not None
+    q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)  # placeholders: no segments
+    if not default_positions or has_segments:
+        # The XLA path's mask vectors, int32: an explicit table's partner gets its default values.
+        qp, kp, qs, ks = _mask_vectors(b, t, s, q_positions, kv_positions, segment_ids)
+        if not default_positions:  # with both defaults the kernel derives them from its block indices
+            q_positions, kv_positions = qp, kp  # [B, T], [B, S]
+        if has_segments:
+            q_seg, kv_seg = qs, ks  # [B, T], [B, S]
     all_valid = kv_valid is None  # static: no padding mask to evaluate in interior tiles
     if all_valid:
         kv_valid = jnp.ones((b, s), jnp.bool_)  # [B, S]
-    has_segments = segment_ids is not None
-    if not has_segments:
-        q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)  # unused placeholders
-    elif isinstance(segment_ids, (tuple, list)):
-        q_seg, kv_seg = segment_ids  # [B, T], [B, S]
-    else:
-        q_seg, kv_seg = segment_ids[:, s - t:], segment_ids  # [B, T], [B, S]: queries are the last T keys
     # Only the blocking differs between the two kernels; masks and recipe are passed alike.
     kernel, blocks = ((_pallas_decode, dict(num_splits=num_splits)) if decode
                       else (_pallas_attention, dict(block_q=block_q, q_order=q_order)))
     return kernel(
         q, k, v,
-        q_positions, kv_positions, jnp.asarray(kv_valid),
-        # Segment ids compare as int32 inside the kernel (the two may come in different int dtypes).
-        jnp.asarray(q_seg).astype(jnp.int32), jnp.asarray(kv_seg).astype(jnp.int32),
+        q_positions, kv_positions, jnp.asarray(kv_valid), q_seg, kv_seg,
         scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap, recipe=recipe,
         **blocks, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
         interpret=bool(interpret), default_positions=default_positions, has_segments=has_segments,
