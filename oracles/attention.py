@@ -345,7 +345,7 @@ CUDNN_CASES = {"recipe": "fp32_logits", "masks": ("causal", "none"), "softcaps":
 
 def _make_harness():
     from kernels.attention import gqa_attention as kernel
-    from oracles.registry import Harness, Implementation, not_hopper
+    from oracles.registry import Harness, Implementation, not_hopper, strata_product
 
     # pallas_flash implements the fp32_logits recipe with flash numerics (normalised after
     # the PV matmul): judged against that recipe's oracle, under its own budgets. Half the
@@ -357,8 +357,10 @@ def _make_harness():
     # The Mosaic decode kernel: the same flash numerics with its own blocking, Hopper only.
     mosaic_impl = Implementation(kernel=mosaic_flash, case_opts=MOSAIC_FLASH_CASES, backends=("gpu",),
                                  dtypes=("bfloat16", "float16"), requires="a Hopper GPU", device_lacks=not_hopper)
+    # A sweep's cells: each recipe at each (T, S) (S: the length of softmax's sum and of p @ v).
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
-                   implementations={"pallas_flash": flash, "cudnn": cudnn_impl, "mosaic_flash": mosaic_impl})
+                   implementations={"pallas_flash": flash, "cudnn": cudnn_impl, "mosaic_flash": mosaic_impl},
+                   strata=lambda o: strata_product(o, scalars={"recipe": RECIPES}, tuples={"ts_pairs": TS_PAIRS}))
 
 
 HARNESS = _make_harness()

@@ -53,6 +53,13 @@ def _implementations(op: str) -> list[str]:
     return sorted(harness(op).implementations)
 
 
+def _planned(op: str, examples: int, implementation: str | None = None) -> int:
+    """The cases a sweep of ``op`` runs for one dtype (its cells, evenly; progress bars)."""
+    from oracles.sweep import plan
+
+    return sum(n for _, n in plan(op, examples, implementation=implementation))
+
+
 def _load_tolerances(path):
     from oracles import budgets
 
@@ -94,7 +101,8 @@ def cmd_check(args) -> int:
     rows = []
     t0 = time.perf_counter()
     with Progress(console=Console(stderr=True), transient=True, disable=args.json) as prog:
-        task = prog.add_task("sweeping", total=sum(1 + len(_implementations(op)) for op in ops) * len(dts) * args.examples)
+        task = prog.add_task("sweeping", total=len(dts) * sum(_planned(op, args.examples, impl) for op in ops
+                                                              for impl in (None, *_implementations(op))))
         for op in ops:
             for impl in (None, *_implementations(op)):  # the op, then each of its other implementations
                 for dt in dts:
@@ -166,7 +174,8 @@ def cmd_tighten(args) -> int:
             tol = _load_tolerances(tol.path)  # re-read under the lock: another run may have written it
             rows = []
             with Progress(transient=True) as prog:
-                task = prog.add_task("measuring", total=len(ops) * len(dts) * args.examples)
+                task = prog.add_task("measuring", total=len(dts) * sum(_planned(op, args.examples, args.implementation)
+                                                                      for op in ops))
                 for op in ops:
                     for dt in dts:
                         prog.update(task, description=f"{op} {dt}")
@@ -214,7 +223,7 @@ def cmd_report(args) -> int:
     ops, dts = _ops(args.ops), _dtypes(args.dtypes)
     rows, cols = [], {}
     with Progress(transient=True) as prog:
-        task = prog.add_task("measuring", total=len(ops) * len(dts) * args.examples)
+        task = prog.add_task("measuring", total=len(dts) * sum(_planned(op, args.examples) for op in ops))
         for op in ops:
             for dt in dts:
                 col = cols[(op, dt)] = Collector(args.seed)

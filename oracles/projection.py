@@ -221,6 +221,17 @@ def mosaic(x, w, b=None, **kw):
 MOSAIC_CASES = {"linear_shapes": MOSAIC_SHAPES, "head_shapes": MOSAIC_HEAD_SHAPES}
 
 
+def _strata(opts: dict) -> list[dict]:
+    """A sweep's cells: each recipe with each shape it draws (linear: linear_shapes; the
+    heads: head_shapes), so every reduction length D and every tiling is measured."""
+    recipes = (opts["recipe"],) if opts.get("recipe") else RECIPES
+    out = []
+    for r in recipes:
+        key = "linear_shapes" if r == "linear" else "head_shapes"
+        out += [{"recipe": r, key: (s,)} for s in opts.get(key, LINEAR_SHAPES if r == "linear" else HEAD_SHAPES)]
+    return out
+
+
 def _make_harness():
     from oracles.registry import Harness, Implementation, not_hopper
 
@@ -228,7 +239,7 @@ def _make_harness():
                                  dtypes=("bfloat16", "float16"), requires="a Hopper GPU",
                                  device_lacks=not_hopper)
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties,
-                   implementations={"mosaic": mosaic_impl})
+                   implementations={"mosaic": mosaic_impl}, strata=_strata)
 
 
 HARNESS = _make_harness()

@@ -119,9 +119,11 @@ def _properties(case, outcome, budget):
 
 def _make_harness():
     from kernels.models.qwen2 import forward
-    from oracles.registry import Harness
+    from oracles.registry import Harness, strata_product
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=forward, properties=_properties, examples_scale=0.25)
+    # A sweep's cells: each model family, so every ``parity check`` builds each one.
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=forward, properties=_properties, examples_scale=0.25,
+                   strata=lambda o: strata_product(o, scalars={"family": sorted(FAMILY_CONFIGS)}))
 
 
 HARNESS = _make_harness()

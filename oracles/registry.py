@@ -91,6 +91,14 @@ class Harness:
     implementations: name -> ``Implementation``: kernels of the op with other roundings,
                 judged against the same oracle under their own budgets
                 (``implementations.<name>`` in tolerances.yaml).
+    strata:     ``(case_opts) -> list[dict]``: the cells of the op's vocabulary that a sweep
+                (``parity check / tighten / report``) covers evenly, each a dict of
+                ``cases()`` keyword arguments pinning one choice of the axes that set the
+                numerics (recipe, reduction length), given an implementation's ``case_opts``
+                (:func:`strata_product`). None: one cell, hypothesis draws everything.
+                Why: hypothesis generates to find bugs, not to sample; over 60 examples it
+                drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 of them one
+                cell, and never the one whose float32 logits set the budget.
     """
 
     cases: Callable
@@ -99,6 +107,23 @@ class Harness:
     properties: Callable | None = None
     examples_scale: float = 1.0
     implementations: dict = field(default_factory=dict)
+    strata: Callable[[dict], list[dict]] | None = None
+
+
+def strata_product(opts: dict, *, scalars: dict | None = None, tuples: dict | None = None) -> list[dict]:
+    """Cells for :attr:`Harness.strata`: the product of the axes, one value of each a cell.
+
+    ``scalars``: ``cases()`` keyword -> its choices, passed as the value (``recipe="hf"``);
+    ``tuples``: keyword -> its vocabulary, passed as a 1-tuple (``widths=(896,)``). An axis
+    that ``opts`` (an implementation's ``case_opts``) already sets keeps that setting: a
+    scalar is its one value, a tuple its elements.
+    """
+    axes = [(k, (opts[k],) if opts.get(k) is not None else tuple(v), False) for k, v in (scalars or {}).items()]
+    axes += [(k, tuple(opts.get(k) or v), True) for k, v in (tuples or {}).items()]
+    cells: list[dict] = [{}]
+    for name, values, wrap in axes:
+        cells = [{**c, name: (v,) if wrap else v} for c in cells for v in values]
+    return cells
 
 
 @dataclass(frozen=True)

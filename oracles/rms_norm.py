@@ -104,9 +104,13 @@ def _evaluate(case, kernel):
 
 def _make_harness():
     from kernels.rms_norm import rms_norm as kernel
-    from oracles.registry import Harness
+    from oracles import strategies as S
+    from oracles.registry import Harness, strata_product
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel)
+    # A sweep's cells: each recipe at each width (the length of the sum of squares).
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel,
+                   strata=lambda o: strata_product(o, scalars={"recipe": RECIPES},
+                                                   tuples={"widths": S.MODEL_WIDTHS + S.SMALL_WIDTHS}))
 
 
 HARNESS = _make_harness()

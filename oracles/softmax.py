@@ -68,6 +68,9 @@ def make_mask(kind: str, shape: tuple, rng):
     return m
 
 
+LENGTHS = (1, 7, 128, 1024, 4096)  # the reduced axis' lengths
+
+
 def _cases():
     from hypothesis import strategies as st
 
@@ -75,10 +78,10 @@ def _cases():
     from oracles.registry import Case
 
     @st.composite
-    def cases(draw, dtype=None):
+    def cases(draw, dtype=None, lengths=LENGTHS):
         dt = dtype or draw(S.dtypes())
         rows = draw(st.sampled_from([1, 4, 16]))
-        s = draw(st.sampled_from([1, 7, 128, 1024, 4096]))
+        s = draw(st.sampled_from(lengths))
         lo = draw(st.integers(-2, 4))
         return Case(
             op="softmax",
@@ -160,9 +163,11 @@ def _properties(case, outcome, budget):
 
 def _make_harness():
     from kernels.softmax import softmax as kernel
-    from oracles.registry import Harness
+    from oracles.registry import Harness, strata_product
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties)
+    # A sweep's cells: each length of the reduced axis.
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
+                   strata=lambda o: strata_product(o, tuples={"lengths": LENGTHS}))
 
 
 HARNESS = _make_harness()

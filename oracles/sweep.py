@@ -32,6 +32,7 @@ class Row:
     ok: dict = field(default_factory=dict)  # judgment kind -> all passed
     first_failure: str = ""
     not_run: str = ""  # why an implementation did not run here (another backend or dtype); not a failure
+    cells: int = 1  # the strata the sweep split its examples over (Harness.strata)
 
     @property
     def key(self) -> str:
@@ -68,6 +69,10 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
           measure_only: bool = False, implementation: str | None = None) -> dict[str | None, Row]:
     """Run ``examples`` cases of ``op`` in ``dtype``; return one Row per recipe seen.
 
+    Stratified: the examples are split evenly over the op's cells (``Harness.strata``: one
+    choice of recipe and reduction length each), at least one a cell, so a budget rests on
+    every cell of the vocabulary; hypothesis draws the rest of each case (values, masks,
+    options) under a seed of its own per cell.
     ``implementation``: sweep that registered implementation of the op (its kernel, its
     cases, its own budget) instead of the op's kernel. Where it cannot run (another
     backend or dtype) the one row returned has no examples and says why in ``not_run``.
@@ -83,18 +88,49 @@ def sweep(op: str, dtype: str, *, examples: int, seed: int, tolerances, backend:
     if impl is not None and (why := impl.why_not(be, dtype)):
         recipe = impl.case_opts.get("recipe")
         return {recipe: Row(op, dtype, recipe, implementation=implementation, not_run=why)}
-    scale = h.examples_scale * (impl.examples_scale if impl else 1.0)
+    cells = plan(op, examples, implementation=implementation)
+    for i, (opts, share) in enumerate(cells):
+        # One cell keeps the sweep's own seed (the draws of an unstratified op are unchanged).
+        _run_cell(h, dtype, opts, examples=share, seed=seed if len(cells) == 1 else seed * 1009 + i,
+                  run=lambda case: _one(case, rows, tolerances, kernel=kernel, be=be, measure_only=measure_only,
+                                        implementation=implementation, on_case=on_case))
+    for r in rows.values():
+        r.cells = len(cells)
+    return rows
+
+
+def plan(op: str, examples: int, *, implementation: str | None = None) -> list[tuple[dict, int]]:
+    """The cells a sweep of ``examples`` runs: (``cases()`` keyword arguments, examples) pairs.
+
+    ``examples`` is scaled by the op's and the implementation's ``examples_scale`` and split
+    evenly over ``Harness.strata`` (one cell when the op has none), every cell at least once.
+    """
+    h = registry.harness(op)
+    impl = h.implementations[implementation] if implementation else None
+    opts = impl.case_opts if impl else {}
+    cells = h.strata(opts) if h.strata else [{}]
+    n = max(1, round(examples * h.examples_scale * (impl.examples_scale if impl else 1.0)))
+    return [({**opts, **c}, max(1, n // len(cells) + (i < n % len(cells)))) for i, c in enumerate(cells)]
+
+
+def _run_cell(h, dtype: str, opts: dict, *, examples: int, seed: int, run: Callable) -> None:
+    """``examples`` hypothesis draws of ``h.cases(dtype, **opts)`` (seeded, no shrinking), each to ``run``."""
 
     @hyp_seed(seed)
-    @settings(max_examples=max(1, round(examples * scale)), database=None, deadline=None, derandomize=False,
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=h.cases(dtype=dtype, **(impl.case_opts if impl else {})))
-    def run(case):
-        outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be, measure_only=measure_only,
-                                                implementation=implementation)
-        rows.setdefault(case.recipe, Row(op, dtype, case.recipe, implementation=implementation)).fold(case, budget, js)
-        if on_case:
-            on_case(case, outcome, budget, js)
+    @given(case=h.cases(dtype=dtype, **opts))
+    def go(case):
+        run(case)
 
-    run()
-    return rows
+    go()
+
+
+def _one(case, rows: dict, tolerances, *, kernel, be, measure_only, implementation, on_case) -> None:
+    """Run one case and fold its judgments into its recipe's Row."""
+    outcome, budget, js = registry.run_case(case, tolerances, kernel=kernel, be=be, measure_only=measure_only,
+                                            implementation=implementation)
+    rows.setdefault(case.recipe, Row(case.op, case.dtype, case.recipe, implementation=implementation)).fold(
+        case, budget, js)
+    if on_case:
+        on_case(case, outcome, budget, js)

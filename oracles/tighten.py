@@ -17,7 +17,8 @@ The ratchet:
   seed and size, adds nothing), so a new draw that happens to miss a rare case cannot
   tighten a budget below what an earlier sample measured. ``fresh=True`` (``--fresh``)
   drops the recorded sample: after a kernel change, when it no longer describes the code;
-- provenance is refreshed (measured, examples, seed, date, profile, backend, versions);
+- provenance is refreshed (measured, examples, seed, cells: the strata the sweep split its
+  examples over, date, profile, backend, versions);
   its ``note``, a person's why, is kept;
 - the file is written back with ruamel's round-trip mode (comments and key order kept),
   atomically (temporary file in the same folder, flush, fsync, rename), under an
@@ -122,7 +123,7 @@ def _fold_recorded(rows, recorded, props: set):
     out = []
     for r in rows:
         old = (recorded.get(r.recipe) if r.recipe else recorded) or {}
-        folded = Row(r.op, r.dtype, r.recipe, examples=r.examples, implementation=r.implementation)
+        folded = Row(r.op, r.dtype, r.recipe, examples=r.examples, implementation=r.implementation, cells=r.cells)
         folded.measured = {m: (_worst(v, old.get(_target(m, props)[1])) if _target(m, props) else v)
                            for m, v in r.measured.items()}
         out.append(folded)
@@ -167,6 +168,7 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
                 holder[name]["properties"] = CommentedMap((k, 0.0) for k in sibling["properties"])
         entry = holder[name]
         examples = sum(r.examples for r in rs)  # the cases this entry's numbers rest on
+        cells = max(r.cells for r in rs)  # the strata this sample was split over (sweep.plan)
         prev = entry.get("provenance") or {}
         prev_examples = prev.get("examples", 0) or 0
         overrides = entry.get("recipes") or {}
@@ -175,7 +177,8 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
                 and dict(prev.get("versions") or {}) == versions_now):
             # The recorded sample is evidence about this same code and backend: keep it.
             rs = _fold_recorded(rs, prev.get("measured") or {}, props)
-            if not (prev.get("seed") == seed and prev_examples == examples):  # else the very same draws
+            if not (prev.get("seed") == seed and prev_examples == examples
+                    and prev.get("cells", 1) == cells):  # else the very same draws
                 examples += prev_examples
         # A smaller sample than the one a budget was measured on has seen fewer rare
         # events (rounding ties): it may confirm a budget but not tighten it.
@@ -210,7 +213,7 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
         if not may_tighten:
             continue  # the provenance still describes the larger sample the budgets rest on
         entry["provenance"] = CommentedMap(
-            measured=measured, examples=examples, seed=seed,
+            measured=measured, examples=examples, seed=seed, cells=cells,
             date=_dt.date.today().isoformat(), profile=profile, backend=backend, versions=CommentedMap(versions_now))
         if prev.get("note"):  # a person's why (a budget set by hand, a past loosening) outlives the numbers
             entry["provenance"]["note"] = prev["note"]

@@ -197,3 +197,67 @@ def test_tighten_measures_nothing_where_the_implementation_cannot_run(tmp_path, 
     out = capsys.readouterr().out
     assert "attention/bfloat16/fp32_logits@cudnn: not measured on cpu (gpu only, needs cuDNN)" in out
     assert path.read_text() == budgets.default_path().read_text()
+
+
+# --- the sample a budget rests on: every cell of the op's vocabulary ---------------------
+
+# What pins a case to its cell (Harness.strata), per op: its recipe (or family) and the
+# reduction length(s) the cell fixes.
+CELL_KEY = {
+    "projection": lambda c: (c.recipe, c.shapes["x"], tuple(sorted(c.shapes["w"]))),
+    "rms_norm": lambda c: (c.recipe, c.shapes["x"][-1]),
+    "attention": lambda c: (c.recipe, c.shapes["q"][1], c.shapes["k"][1]),
+    "swiglu": lambda c: (c.recipe, c.shapes["w_gate"]),
+    "softmax": lambda c: c.shapes["x"][1],
+    "qwen2": lambda c: c.data["family"],
+}
+
+
+@pytest.mark.parametrize("op, implementation", [("projection", None), ("projection", "mosaic"), ("rms_norm", None),
+                                                ("attention", None), ("attention", "mosaic_flash"), ("swiglu", None),
+                                                ("softmax", None), ("qwen2", None)])
+def test_a_sweep_covers_every_cell_evenly(monkeypatch, op, implementation):
+    """A sweep splits its examples evenly over the op's cells (one recipe and reduction
+    length each), every cell at least once, and each cell's cases are that cell's: so a
+    budget rests on every shape of the vocabulary. Hypothesis alone, over 60 examples,
+    drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 examples in one: a
+    budget tightened on that sample failed the first test that drew float32 logits at D = 896."""
+    from oracles import registry
+    from oracles import sweep as sw
+
+    cells: list[list] = []
+    real = sw._run_cell
+    monkeypatch.setattr(sw, "_run_cell", lambda *a, run, **k: (cells.append([]), real(*a, run=run, **k)))
+    monkeypatch.setattr(sw, "_one", lambda case, *a, **k: cells[-1].append(case))  # draw, run nothing
+    monkeypatch.setattr(registry.Implementation, "why_not", lambda *a: "")  # as on a Hopper GPU
+    sw.sweep(op, "bfloat16", examples=60, seed=0, tolerances=None, backend="gpu", implementation=implementation)
+    plan = sw.plan(op, 60, implementation=implementation)
+    assert len(cells) == len(plan) > 1 and [len(c) for c in cells] == [n for _, n in plan]
+    n = [len(c) for c in cells]
+    assert min(n) >= 1 and max(n) - min(n) <= 1 and sum(n) >= round(60 * registry.harness(op).examples_scale)
+    keys = [{CELL_KEY[op](c) for c in cell} for cell in cells]
+    assert all(len(k) == 1 for k in keys), f"a cell drew cases of other cells: {[k for k in keys if len(k) > 1]}"
+    assert len(set().union(*keys)) == len(cells), "two cells drew the same cases"
+
+
+def test_plan_keeps_what_an_implementation_pins():
+    """An implementation's case_opts narrow the cells: mosaic_flash's one recipe and its
+    own (T, S) pairs, not the op's."""
+    from oracles.attention import MOSAIC_FLASH_CASES
+    from oracles.sweep import plan
+
+    got = plan("attention", 20, implementation="mosaic_flash")
+    assert [(o["recipe"], o["ts_pairs"]) for o, _ in got] == [("fp32_logits", (p,)) for p in MOSAIC_FLASH_CASES["ts_pairs"]]
+    assert all(o["q_chunk"] == 0 for o, _ in got)  # the rest of case_opts kept
+    assert plan("embedding", 7) == [({}, 7)]  # no strata: one cell, hypothesis draws everything
+
+
+def test_a_sample_over_other_cells_is_other_draws(tmp_path):
+    """The same seed and size split over other cells (an unstratified sample recorded
+    before strata existed) are new draws: their examples add up; ``cells`` is recorded."""
+    tol = _tol(tmp_path, RECORDED)
+    r = _row("hf", 1.0, 0.001, 0.5, examples=10)
+    r.cells = 24
+    tighten.apply_rows(tol, [r], backend="cpu", margin=1.25, allow_loosen=False, seed=0, versions_now=V)
+    prov = tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]
+    assert prov["examples"] == 20 and prov["cells"] == 24
