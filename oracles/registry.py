@@ -97,7 +97,7 @@ class Harness:
                 numerics (recipe, reduction length), given an implementation's ``case_opts``
                 (:func:`strata_product`). None: one cell, hypothesis draws everything.
                 Why: hypothesis generates to find bugs, not to sample; over 60 examples it
-                drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 of them one
+                drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 examples in one
                 cell, and never the one whose float32 logits set the budget.
     """
 
