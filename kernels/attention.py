@@ -79,7 +79,7 @@ import jax.numpy as jnp
 from kernels import _twofloat as tf
 from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
 from kernels._round import round_to
-from kernels.softmax import softmax
+from kernels.softmax import _softmax
 
 RECIPES = ("hf", "fp32_logits")
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_flash", "mosaic_flash")
@@ -362,7 +362,8 @@ def _attend(q, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_valid, *, scale, causal, s
     else:
         s = _scaled_scores(qg, k, scale=scale, softcap=softcap, recipe=recipe)  # [B, K, G, T, S]
         # Softmax in f32 (kernels.softmax); masked entries exactly 0, a row with no visible key all 0.
-        p = softmax(s, axis=-1, where=where)  # [B, K, G, T, S], s's dtype
+        # The probabilities are rounded to dt below: the compensated row sum only for float32.
+        p = _softmax(s, axis=-1, where=where, compensated=dt == jnp.float32)  # [B, K, G, T, S], s's dtype
     # Probabilities go to the input dtype for the PV matmul (HF's .to(query.dtype); jax.nn too).
     p = p.astype(dt)
     o = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=jax.lax.Precision.HIGHEST,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,3 +112,24 @@ def test_bad_input_raises_value_error():
         kernel(jnp.zeros((2, 4)), where=jnp.ones((2, 4)))
     with pytest.raises(ValueError, match=r"axis must be in \[-2, 2\)"):
         kernel(jnp.zeros((2, 4)), axis=2)
+
+
+def _pair_reduces(f, *args) -> int:
+    """How many two-operand (hi, lo) reductions, i.e. compensated sums, ``f`` lowers to."""
+    text = jax.jit(f).lower(*args).as_text()
+    return sum(1 for line in text.splitlines() if "stablehlo.reduce(" in line and "), (" in line)
+
+
+def test_the_compensated_sum_runs_only_where_its_rounding_shows():
+    """float32 probabilities get the compensated row sum; bf16 ones, and attention's
+    fp32_logits probabilities of bf16 inputs (float32 scores, rounded to bf16 after the
+    softmax), keep the plain sum, which costs 1.4-2.4x less on the CPU."""
+    from kernels.attention import gqa_attention
+
+    x = jnp.zeros((4, 16), jnp.float32)
+    assert _pair_reduces(kernel, x) == 1
+    assert _pair_reduces(kernel, x.astype(jnp.bfloat16)) == 0
+    q, kv = jnp.zeros((1, 4, 4, 64), jnp.bfloat16), jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    att = functools.partial(gqa_attention, recipe="fp32_logits", implementation="xla")
+    assert _pair_reduces(att, q, kv, kv) == 0
+    assert _pair_reduces(att, q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32)) == 1
