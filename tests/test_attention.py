@@ -326,13 +326,59 @@ F32_SCORE_CASES = (
      "kwargs": {"causal": True, "q_chunk": None, "recipe": "fp32_logits", "scale": None, "sliding_window": 8,
                 "softcap": None},
      "data": {"log10_score": [1, 1], "mask": "positions", "outliers": 0, "seed": 0, "segment_pair": True}},
+    # Softcap 50 (session 17): 2.96x, because XLA had folded the pair tanh's `1 - u` TwoSum with
+    # a literal 1 and dropped u's low part (scores ~50 carried 1e-6 into the exponent); 0.16x since.
+    {"shapes": {"q": (1, 5, 12, 128), "k": (1, 5, 2, 128), "v": (1, 5, 2, 128)},
+     "kwargs": {"causal": True, "q_chunk": None, "recipe": "hf", "scale": None, "sliding_window": 8,
+                "softcap": 50.0},
+     "data": {"log10_score": [2, 3], "mask": "causal", "outliers": 0, "seed": 27968, "segment_pair": True}},
 )
 
 
-@pytest.mark.parametrize("spec", F32_SCORE_CASES, ids=("prefill-chunk", "decode-packed", "decode-window"))
+@pytest.mark.parametrize("spec", F32_SCORE_CASES, ids=("prefill-chunk", "decode-packed", "decode-window",
+                                                        "prefill-softcap"))
 def test_float32_scores_sensitive_cases_within_budget(tolerances, spec):
     """Large float32 scores: the kernel's error stays within the accuracy budget of the oracle's."""
     check_case(Case(op="attention", dtype="float32", **spec), tolerances, kernel=kernel)
+
+
+def _tanh_small_part(x: np.ndarray) -> np.ndarray:
+    """float64 ``tanh(x) - x`` for ``|x| < 0.625``, ``sign(x) (1 - |tanh(x)|)`` above: the part of
+    tanh a float32 pair carries below its head, computed without cancellation."""
+    ax, x2 = np.abs(x), x * x
+    series = x * x2 * (-1 / 3 + x2 * (2 / 15 + x2 * (-17 / 315 + x2 * 62 / 2835)))  # |x| < 1e-2: < 1e-18 off
+    tail = np.where(ax < 1e-2, series, np.tanh(x) - x)
+    return np.where(ax < 0.625, tail, np.sign(x) * 2.0 / (np.exp(2.0 * ax) + 1.0))
+
+
+def test_softcap_tanh_is_accurate(tolerances):
+    """The softcap's tanh, on a dense grid of float32 arguments (|x| < 20, and 1e-8..20), against
+    the float64 tanh: ``tanh_f32`` (the float32 scores of bf16/f16 "fp32_logits" and the Pallas
+    kernels) within ``tanh_max_ulps``; the pair tanh of the float32 path (``_tanh_pair``, on
+    ``hi + lo`` with ``|lo| <= 2**-26 |hi|``) within ``tanh_pair_ulps`` float32 ulps of the part
+    below its head (``tanh - x`` under 0.625, ``1 - |tanh|`` above) or of ``lo``, the larger."""
+    from kernels.attention import _tanh_pair, tanh_f32
+
+    prop = tolerances.lookup("attention", "float32", backend()).properties
+    grid = np.concatenate([np.linspace(-20.0, 20.0, 1 << 20), 10.0 ** np.linspace(-8.0, 1.3, 1 << 16)])
+    hi = grid.astype(np.float32)
+    x = hi.astype(np.float64)
+    ulp = np.spacing(np.abs(np.tanh(x)).astype(np.float32)).astype(np.float64)
+    y = np.asarray(jax.jit(tanh_f32)(jnp.asarray(hi)), np.float64)
+    worst = float(np.max(np.abs(y - np.tanh(x)) / ulp))
+    assert worst <= prop["tanh_max_ulps"], f"tanh_f32: {worst:.3f} ulps > {prop['tanh_max_ulps']}"
+    lo = (hi * np.random.default_rng(0).uniform(-1.0, 1.0, hi.size) * 2.0 ** -26).astype(np.float32)
+    for name, l in (("lo = 0", np.zeros_like(lo)), ("lo != 0", lo)):
+        th, tl = (np.asarray(r, np.float64) for r in jax.jit(_tanh_pair)(jnp.asarray(hi), jnp.asarray(l)))
+        xl = l.astype(np.float64)
+        small = _tanh_small_part(x + xl)
+        # The pair's error against x + small (below 0.625) or sign (1 - |small|), each side's
+        # head subtracted first (exact) so the error is not lost under an ulp of tanh.
+        err = np.where(np.abs(x + xl) < 0.625, (th - x) + tl - xl - small, (th - np.sign(x + xl)) + tl + small)
+        scale = np.maximum(np.maximum(np.abs(small), np.abs(xl)), np.finfo(np.float32).tiny)
+        worst = float(np.max(np.abs(err) / np.spacing(scale.astype(np.float32)).astype(np.float64)))
+        assert worst <= prop["tanh_pair_ulps"], (
+            f"_tanh_pair ({name}): {worst:.3g} float32 ulps of the small part > {prop['tanh_pair_ulps']}")
 
 
 def test_single_visible_key_returns_its_value():

@@ -50,6 +50,18 @@ def hf_scores_not_rounded(q, k, v, *, recipe="hf", **kw):
     return _real(q, k, v, recipe="fp32_logits", **kw)
 
 
+def softcap_one_folded(q, k, v, **kw):
+    """The float32 path's pair tanh with a literal 1 in ``two_sum(1, -u)``: XLA folds
+    ``(1 - u) - 1`` to ``-u`` and the pair loses u's low part (session 17: a softcap-50 case at
+    2.96x the oracle's error; kernels._twofloat's module docstring)."""
+    from unittest import mock
+
+    from kernels import _twofloat
+
+    with mock.patch.object(_twofloat, "opaque", lambda x: x):  # traced under jit: the patch holds
+        return _real(q, k, v, **kw)
+
+
 def _broken(q, k, v, *, mode, scale=None, causal=True, q_positions=None, kv_positions=None, kv_valid=None,
             segment_ids=None, sliding_window=None, softcap=None, recipe="hf", q_chunk=None):
     """A direct-path attention with one deliberate bug ``mode`` (no chunking, no checks)."""
@@ -103,6 +115,7 @@ MUTANTS = {
     "causal_top_left": causal_top_left,
     "window_plus_one": window_plus_one,
     "hf_scores_not_rounded": hf_scores_not_rounded,
+    "softcap_one_folded": softcap_one_folded,
     "low_precision_softmax": _mode("low_precision_softmax"),
     "empty_row_nan": _mode("empty_row_nan"),
     "empty_row_uniform": _mode("empty_row_uniform"),
