@@ -100,6 +100,8 @@ def sum_axis(x: jax.Array, axis: int) -> jax.Array:
     the float32 nearest the exact sum. A plain float32 sum rounds at every addition:
     ``1 + 127`` small terms summed by XLA's CPU reduction came out 2.7e-7 off (1.1 ulps of
     the sum), where torch's cascaded sum was 8.6e-8 off (softmax's float32 accuracy).
+    Non-finite sums are the plain sum's: inf where it overflows or a term is inf, NaN where
+    a term is NaN or infinities of both signs meet.
     """
 
     def add(a, b):  # (hi, lo) + (hi, lo), the error of the hi sum carried into lo
@@ -109,7 +111,8 @@ def sum_axis(x: jax.Array, axis: int) -> jax.Array:
 
     zero = jnp.float32(0.0)
     hi, lo = jax.lax.reduce((x, jnp.zeros_like(x)), (zero, zero), add, (axis % x.ndim,))
-    return jnp.expand_dims(hi + lo, axis)  # the one rounding of the pair
+    # A non-finite hi is the plain sum's answer (inf, or NaN); its TwoSum error is NaN (inf - inf).
+    return jnp.expand_dims(jnp.where(jnp.isfinite(hi), hi + lo, hi), axis)  # the one rounding of the pair
 
 
 def dot_last(a: jax.Array, b: jax.Array, *, lanes: int = 32) -> tuple[jax.Array, jax.Array]:

@@ -2,8 +2,16 @@
 
 Every recipe computes the statistic in float32, whatever the input dtype:
 
-    var = mean(float32(x) ** 2, axis=-1)          # f32 accumulation
+    var = mean(float32(x) ** 2, axis=-1)          # f32 accumulation (float32 x: compensated)
     y   = float32(x) * rsqrt(var + eps)           # rsqrt, never 1/sqrt(...)
+
+The sum of squares of a float32 ``x`` is compensated (``kernels._twofloat.sum_axis``:
+TwoSum, rounded once), then divided by D: a float32 output shows the sum's rounding. On a
+row where two outlier channels dominate, XLA's plain CPU sum was 2.4e-7 (relative) off and
+torch's cascaded sum 5.6e-8, leaving the output at 6.1x the oracle's error against the
+float64 truth (tests/test_rms_norm.py); over 1000 stratified cases the worst ratio went
+6.1 -> 1.2. The price on a 2-core CPU: a float32 rms_norm of 512 rows takes 2.4-3.5x
+the same recipe with the plain sum, of one row 1.2x (benchmarks/probe_row_sum.py). bf16/f16 outputs cannot show it and keep the plain sum.
 
 They differ only in where the weight is applied and where the result is rounded:
 
@@ -24,7 +32,8 @@ Implementations (``implementation=``): this module's XLA ops on any backend, or
 ``kernels.rms_norm_pallas`` (a Triton kernel that reads each row once, against XLA's
 twice: benchmarks/README.md), the default on a CUDA GPU when a whole row (D padded to a
 power of two) fits its program, or chunks of it do. Only the float32 order of the mean
-square's sum differs between them; both are held to the same budgets.
+square's sum differs between them (the Triton kernel's is a plain tree sum); both are held
+to the same budgets.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import jax.numpy as jnp
 
 from kernels._checks import require_choice, require_float, require_positive
 from kernels._round import round_to
+from kernels._twofloat import sum_axis
 
 RECIPES = ("hf", "gemma", "fp32_weight")
 
@@ -117,7 +127,10 @@ def _xla(x, weight, *, eps, recipe):
     # The statistic is always computed in float32: a bf16/f16 sum of squares loses
     # the row's scale (and overflows f16 above |x| ~ 256).
     xf = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)  # [..., 1]
+    if x.dtype == jnp.float32:  # the output is float32: the sum's rounding would show (module docstring)
+        var = sum_axis(jnp.square(xf), -1) / jnp.float32(x.shape[-1])  # [..., 1]
+    else:
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)  # [..., 1]
     y = xf * torch_rsqrt(var + jnp.float32(eps))  # f32 [..., D]
     if recipe == "hf":
         # Round the normalised value to the input dtype before the weight, as

@@ -35,8 +35,21 @@ def eps_1e5(x, weight, *, eps=1e-6, recipe="hf"):
     return _real(x, weight, eps=1e-5, recipe=recipe)
 
 
+def plain_f32_mean(x, weight, *, eps=1e-6, recipe="hf"):
+    """The XLA path with a plain float32 sum of squares (rounded at every addition), as before
+    the compensated one: where a few entries dominate a row, XLA's CPU reduction put the output
+    at 6.1x the oracle's error against the float64 truth."""
+    import importlib
+    from unittest import mock
+
+    k = importlib.import_module("kernels.rms_norm")  # the module (kernels.rms_norm is also the function's name)
+    with mock.patch.object(k, "sum_axis", lambda v, axis: jnp.sum(v, axis=axis, keepdims=True)):  # traced under jit
+        return _real(x, weight, eps=eps, recipe=recipe, implementation="xla")
+
+
 MUTANTS = {
     "no_f32_upcast": no_f32_upcast,
+    "plain_f32_mean": plain_f32_mean,
     "weight_before_downcast": weight_before_downcast,
     "eps_1e5": eps_1e5,
 }
