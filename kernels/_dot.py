@@ -17,7 +17,9 @@ its sums. The price is a ``[..., c, N]`` float32 partial (``c`` times the output
 the split is used only where that stays small: few rows (the case XLA sums
 sequentially) and long reductions. Larger matmuls go to XLA's blocked gemm (Eigen),
 which is as accurate as torch's there. Other backends (GPU: cuBLAS) get the plain
-matmul. bfloat16/float16 inputs are not split either (unless their float32 sum is the
+matmul: on the H100 one row is summed as accurately as the split already, and for 2-8
+rows the split costs 1.4-7.5x XLA's GEMM (benchmarks/probe_f32_algorithm.py).
+bfloat16/float16 inputs are not split either (unless their float32 sum is the
 result, ``f32_result``): torch's CPU matmul for those sums in XLA's sequential order (a
 swiglu down projection, K = 4864, one row: bit-exact with the plain matmul, 62% of
 elements off by up to 17 bf16 ulps with the split), so the plain matmul is what
@@ -150,6 +152,31 @@ def _plain(x, w, dims):
                                preferred_element_type=jnp.float32)
 
 
+def split_dot(x: jax.Array, w: jax.Array, *, chunks: int, w_contract: int) -> jax.Array:
+    """``dot_f32``'s split form: the K products in ``chunks`` chunks of ``K / chunks`` terms
+    (``chunks`` divides K), each summed by XLA, then the chunk sums added in float32."""
+    c = chunks
+    k = x.shape[-1]
+    n = w.shape[1 - w_contract]
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    if w_contract == 0:
+        x2 = x.reshape(rows, c, k // c).swapaxes(0, 1)  # [c, rows, K/c]: the chunk is the batch
+        ws = w.reshape(c, k // c, n)  # [c, K/c, N]: row-major, a free view
+        part = jax.lax.dot_general(x2, ws, dimension_numbers=(((2,), (1,)), ((0,), (0,))),
+                                   precision=_HIGHEST, preferred_element_type=jnp.float32)  # [c, rows, N]
+        total = jnp.sum(part, axis=0)  # [rows, N]: the c partial sums, added in float32
+    else:
+        # A table [N, K] read in place, its K contiguous: a batched matmul over c would
+        # make XLA transpose (copy) it. Products and the two sums instead, which XLA
+        # fuses into one pass over the table (measured as fast as its plain matmul).
+        x4 = x.reshape(rows, 1, c, k // c).astype(jnp.float32)  # [rows, 1, c, K/c]; products in f32
+        w4 = w.reshape(1, n, c, k // c).astype(jnp.float32)  # [1, N, c, K/c]; bf16/f16 products are exact in f32
+        total = jnp.sum(jnp.sum(x4 * w4, axis=3), axis=2)  # [rows, N]: each chunk, then the c partials
+    return total.reshape(*x.shape[:-1], n)  # [..., N]
+
+
 def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool = False) -> jax.Array:
     """``x[..., K]`` contracted with axis ``w_contract`` of the 2-D ``w``; float32 result.
 
@@ -180,21 +207,5 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     lowp = x.dtype != jnp.float32 and not f32_result
     if lowp or c == 1 or rows > MAX_SPLIT_ROWS or too_big:
         return _plain(x, w, dims)  # [..., N]
-
-    def split(x, w):
-        if w_contract == 0:
-            x2 = x.reshape(rows, c, k // c).swapaxes(0, 1)  # [c, rows, K/c]: the chunk is the batch
-            ws = w.reshape(c, k // c, n)  # [c, K/c, N]: row-major, a free view
-            part = jax.lax.dot_general(x2, ws, dimension_numbers=(((2,), (1,)), ((0,), (0,))),
-                                       precision=_HIGHEST, preferred_element_type=jnp.float32)  # [c, rows, N]
-            total = jnp.sum(part, axis=0)  # [rows, N]: the c partial sums, added in float32
-        else:
-            # A table [N, K] read in place, its K contiguous: a batched matmul over c would
-            # make XLA transpose (copy) it. Products and the two sums instead, which XLA
-            # fuses into one pass over the table (measured as fast as its plain matmul).
-            x4 = x.reshape(rows, 1, c, k // c).astype(jnp.float32)  # [rows, 1, c, K/c]; products in f32
-            w4 = w.reshape(1, n, c, k // c).astype(jnp.float32)  # [1, N, c, K/c]; bf16/f16 products are exact in f32
-            total = jnp.sum(jnp.sum(x4 * w4, axis=3), axis=2)  # [rows, N]: each chunk, then the c partials
-        return total.reshape(*x.shape[:-1], n)  # [..., N]
-
-    return jax.lax.platform_dependent(x, w, cpu=split, default=lambda x, w: _plain(x, w, dims))
+    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: split_dot(x, w, chunks=c, w_contract=w_contract),
+                                      default=lambda x, w: _plain(x, w, dims))
