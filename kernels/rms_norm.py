@@ -11,7 +11,8 @@ row where two outlier channels dominate, XLA's plain CPU sum was 2.4e-7 (relativ
 torch's cascaded sum 5.6e-8, leaving the output at 6.1x the oracle's error against the
 float64 truth (tests/test_rms_norm.py); over 1000 stratified cases the worst ratio went
 6.1 -> 1.2. The price on a 2-core CPU: a float32 rms_norm of 512 rows takes 2.4-3.5x
-the same recipe with the plain sum, of one row 1.2x (benchmarks/probe_row_sum.py). bf16/f16 outputs cannot show it and keep the plain sum.
+the same recipe with the plain sum, of one row 1.2x (benchmarks/probe_row_sum.py).
+bf16/f16 outputs cannot show it and keep the plain sum.
 
 They differ only in where the weight is applied and where the result is rounded:
 

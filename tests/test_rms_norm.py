@@ -67,7 +67,7 @@ def test_float32_mean_square_is_as_accurate_as_torchs(tolerances):
     """The float32 sum of squares, where a few entries dominate a row: XLA's CPU reduction put
     the mean square 2.4e-7 (relative) from the truth, torch's cascaded sum 5.6e-8, and the
     output ended 6.1x the oracle's error (budget 2). The kernel's compensated sum
-    (kernels._twofloat.sum_axis) is the float32 nearest the exact sum of the squares."""
+    (kernels._twofloat.sum_axis) is the float32 nearest the exact sum of the float32 squares."""
     check_case(OUTLIER_ROWS, tolerances, kernel=kernel)
 
 
