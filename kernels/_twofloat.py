@@ -20,6 +20,7 @@ by ``|s|`` (one ulp of a score of 1e4 is a 1e-3 relative change of its probabili
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -91,6 +92,7 @@ def sum_last(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
     return renormalize(hi[..., 0], lo[..., 0])
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def sum_axis(x: jax.Array, axis: int) -> jax.Array:
     """float32 ``sum(x, axis, keepdims=True)``, compensated and rounded once.
 
@@ -115,7 +117,17 @@ def sum_axis(x: jax.Array, axis: int) -> jax.Array:
     return jnp.expand_dims(jnp.where(jnp.isfinite(hi), hi + lo, hi), axis)  # the one rounding of the pair
 
 
-def dot_last(a: jax.Array, b: jax.Array, *, lanes: int = 32) -> tuple[jax.Array, jax.Array]:
+@sum_axis.defjvp
+def _sum_axis_jvp(axis, primals, tangents):
+    # A sum is linear: its tangent is the sum of the tangents. JAX cannot differentiate the
+    # pair reduce itself (a variadic reduce with a custom body); a plain sum is enough here,
+    # because the gradient is not what the compensation is for (and it transposes to a broadcast).
+    (x,), (dx,) = primals, tangents
+    return sum_axis(x, axis), jnp.sum(dx, axis=axis, keepdims=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def dot_last(a: jax.Array, b: jax.Array, lanes: int = 32) -> tuple[jax.Array, jax.Array]:
     """``sum(a * b, axis=-1)`` of float32 arrays (broadcast against each other) as a pair.
 
     Every product is cut into its three leading exact partial products (head x head,
@@ -145,3 +157,18 @@ def dot_last(a: jax.Array, b: jax.Array, *, lanes: int = 32) -> tuple[jax.Array,
             lo = lo + err
         lo = lo + xt * yt
     return sum_last(hi, lo)
+
+
+@dot_last.defjvp
+def _dot_last_jvp(lanes, primals, tangents):
+    # The pair's tangent is the product rule's, in plain float32 and all in ``hi`` (``lo`` is a
+    # rounding error, whose derivative is 0 in exact arithmetic). Differentiating the TwoSum
+    # lanes themselves would give the same value through ~8 ops a product.
+    (a, b), (da, db) = primals, tangents
+    hi, lo = dot_last(a, b, lanes)
+
+    def dot(x, y):  # a dot (batched GEMM), not a broadcast product: its transpose is a GEMM too
+        return jnp.einsum("...h,...h->...", x, y, precision=jax.lax.Precision.HIGHEST,  # never TF32
+                          preferred_element_type=jnp.float32)  # [...], the broadcast of a and b
+
+    return (hi, lo), (dot(da, b) + dot(a, db), jnp.zeros_like(lo))

@@ -242,6 +242,20 @@ def tanh_f32(x: jax.Array) -> jax.Array:
     return jnp.where(x < 0, -y, y)
 
 
+# tanh_f32 where XLA differentiates it (the Pallas kernels call tanh_f32 itself: Mosaic GPU
+# cannot lower a custom_jvp inside a kernel, and nothing differentiates a kernel's body).
+_tanh_f32_ad = jax.custom_jvp(tanh_f32)
+
+
+@_tanh_f32_ad.defjvp
+def _tanh_f32_jvp(primals, tangents):
+    # 1 - tanh^2, not the formula's own derivative: 2 / (exp(2a) + 1) differentiates to
+    # inf / inf = NaN once exp(2a) overflows (|x| > 44: a score of 1e4 under a softcap of 50).
+    (x,), (dx,) = primals, tangents
+    y = tanh_f32(x)
+    return y, dx * (1.0 - y * y)
+
+
 def _tanh_terms(a):
     """For ``a >= 0``: the Taylor tail ``tanh(a) - a`` (used below 0.625) and
     ``u = 2 / (exp(2a) + 1) = 1 - tanh(a)`` (used above), unrounded into a sum."""
@@ -252,6 +266,7 @@ def _tanh_terms(a):
     return a * (x2 * p), 2.0 / (jnp.exp(2.0 * a) + 1.0)
 
 
+@jax.custom_jvp
 def _tanh_pair(hi, lo):
     """``tanh(hi + lo)`` as a pair: ``tanh_f32``'s two branches, each kept unrounded.
 
@@ -272,6 +287,14 @@ def _tanh_pair(hi, lo):
     t_lo = jnp.where(small, tail, big_lo) + u * (2.0 - u) * la
     t_hi, t_lo = tf.renormalize(t_hi, t_lo)
     return jnp.where(hi < 0, -t_hi, t_hi), jnp.where(hi < 0, -t_lo, t_lo)
+
+
+@_tanh_pair.defjvp
+def _tanh_pair_jvp(primals, tangents):
+    # As tanh_f32's: 1 - tanh^2 of the pair, carried in hi (see _twofloat.dot_last's rule).
+    (hi, lo), (dhi, dlo) = primals, tangents
+    t_hi, t_lo = _tanh_pair(hi, lo)
+    return (t_hi, t_lo), ((dhi + dlo) * (1.0 - t_hi * t_hi), jnp.zeros_like(t_lo))
 
 
 def _scaled_scores_pair(qg, k, *, scale, softcap):
@@ -295,8 +318,9 @@ def _softmax_pair(hi, lo, vis):
     """
     row = jnp.any(vis, axis=-1, keepdims=True)
     hi = jnp.where(vis, hi, -jnp.inf)
-    m = jnp.max(hi, axis=-1, keepdims=True)
-    m_lo = jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True)  # the max's lo (ties: the largest)
+    # The shift gets no derivative: it cancels out (kernels.softmax says why that matters).
+    m = jax.lax.stop_gradient(jnp.max(hi, axis=-1, keepdims=True))
+    m_lo = jax.lax.stop_gradient(jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True))  # the max's lo (ties: the largest)
     m, m_lo = jnp.where(row, m, 0.0), jnp.where(row, m_lo, 0.0)  # no visible key: no -inf - -inf
     d, d_err = tf.two_sum(jnp.where(vis, hi, m), -m)
     d_lo = (jnp.where(vis, lo, m_lo) - m_lo) + d_err
@@ -320,7 +344,7 @@ def _scaled_scores(qg, k, *, scale, softcap, recipe):
         s = s * scale32  # scores stay f32
         if softcap is not None:
             cap = jnp.float32(softcap)
-            s = tanh_f32(s / cap) * cap
+            s = _tanh_f32_ad(s / cap) * cap
         return s
     # Each step below is computed in f32 and rounded to dt, kept in f32 (round_to: a
     # rounding XLA cannot drop as excess precision).
@@ -332,7 +356,7 @@ def _scaled_scores(qg, k, *, scale, softcap, recipe):
         cap = jnp.float32(softcap)
         # Gemma 2's three dt-tensor ops, each computed in f32 and rounded to dt.
         s = round_to(s / cap, dt)
-        s = round_to(tanh_f32(s), dt)
+        s = round_to(_tanh_f32_ad(s), dt)
         s = round_to(s * cap, dt)
     s = s.astype(dt)  # exact: s is on dt's grid; the softmax sees the dt tensor HF has
     return s

@@ -63,7 +63,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._checks import dtype_name
-from kernels.attention import _all_keys_used, _mask_vectors, _visible, tanh_f32
+from kernels._grad import with_derivative_of
+from kernels.attention import _all_keys_used, _mask_vectors, _visible, gqa_attention, tanh_f32
 from kernels.linear_mosaic import hopper
 
 _OP = "gqa_attention"
@@ -464,7 +465,8 @@ def mosaic_attention(q, k, v, *, scale, causal, q_positions, kv_positions, kv_va
                      softcap, recipe):
     """``gqa_attention(implementation="mosaic_flash")`` (arguments checked there): every mask
     reduced to the one query's visible keys, ``vis [B, S]``, then :func:`mosaic_decode`.
-    ValueError names every option it cannot honour; nothing falls back."""
+    ValueError names every option it cannot honour; nothing falls back. Differentiable:
+    ``jax.grad`` and ``jax.jvp`` see the XLA path's derivative (``kernels._grad``)."""
     b, t = q.shape[:2]
     s = k.shape[1]
     bad = []
@@ -477,8 +479,20 @@ def mosaic_attention(q, k, v, *, scale, causal, q_positions, kv_positions, kv_va
     if bad:
         raise ValueError(f"{_OP}: implementation='mosaic_flash' needs {'; '.join(bad)}. Use implementation="
                          f"'pallas_flash' (any GPU, every shape) or 'xla'.")
-    vis = None
-    if not _all_keys_used(q_positions, kv_positions, kv_valid, segment_ids, sliding_window):
-        qp, kp, q_seg, kv_seg = _mask_vectors(b, t, s, q_positions, kv_positions, segment_ids)
-        vis = _visible(qp, kp, q_seg, kv_seg, kv_valid, causal=causal, sliding_window=sliding_window)[:, 0]  # [B, S]
-    return mosaic_decode(q, k, v, vis, scale=scale, softcap=softcap)
+    opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap)
+
+    def fast(q, k, v, masks):
+        vis = None
+        if not _all_keys_used(**masks, sliding_window=sliding_window):
+            qp, kp, q_seg, kv_seg = _mask_vectors(b, t, s, masks["q_positions"], masks["kv_positions"],
+                                                  masks["segment_ids"])
+            vis = _visible(qp, kp, q_seg, kv_seg, masks["kv_valid"], causal=causal,
+                           sliding_window=sliding_window)[:, 0]  # [B, S]
+        return mosaic_decode(q, k, v, vis, scale=scale, softcap=softcap)
+
+    def reference(q, k, v, masks):
+        return gqa_attention(q, k, v, **masks, **opts, recipe=recipe, implementation="xla")
+
+    masks = dict(q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid, segment_ids=segment_ids)
+    # Differentiated as the XLA path (kernels._grad): a pallas_call has no transpose rule.
+    return with_derivative_of(fast, reference)(q, k, v, masks)

@@ -100,8 +100,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._checks import next_pow2, require_choice, require_pow2
+from kernels._grad import with_derivative_of
 from kernels._round import round_to, round_to_in_kernel
-from kernels.attention import _check, _mask_vectors, tanh_f32
+from kernels.attention import _check, _mask_vectors, gqa_attention, tanh_f32
 
 _OP = "pallas_attention"
 _MIN_BLOCK = 16  # tl.dot's smallest M, N and K
@@ -757,6 +758,10 @@ def pallas_attention(
     Dtype recipe, step by step: the module docstring (the same as ``gqa_attention``'s;
     ``flash`` above).
 
+    Differentiable: ``jax.grad`` and ``jax.jvp`` see the derivative of ``gqa_attention``'s
+    XLA path with the same options (``kernels._grad``; it materialises the probabilities,
+    O(T * S) memory a head: the backward is not a fused kernel).
+
     Returns:
       ``[B,T,N,H]`` in q's dtype. A query with no visible key gives zeros.
     """
@@ -786,6 +791,26 @@ def pallas_attention(
                          f"rounds its scores to {q.dtype} and its normalised probabilities, which one pass cannot do")
     scale = float(h ** -0.5 if scale is None else scale)  # a hashable static argument
     softcap = None if softcap is None else float(softcap)
+    opts = dict(scale=scale, causal=bool(causal), sliding_window=sliding_window, softcap=softcap)
+
+    def fast(q, k, v, masks):
+        return _fused(q, k, v, **masks, **opts, recipe=recipe, decode=decode, block_q=block_q, block_k=block_k,
+                      num_warps=num_warps, num_stages=num_stages, q_order=q_order, num_splits=num_splits,
+                      flash=flash, interpret=interpret)
+
+    def reference(q, k, v, masks):  # flash=True is recipe "fp32_logits": the same function
+        return gqa_attention(q, k, v, **masks, **opts, recipe=recipe, implementation="xla")
+
+    masks = dict(q_positions=q_positions, kv_positions=kv_positions, kv_valid=kv_valid, segment_ids=segment_ids)
+    # Differentiated as the XLA path (kernels._grad): a pallas_call has no transpose rule.
+    return with_derivative_of(fast, reference)(q, k, v, masks)
+
+
+def _fused(q, k, v, *, q_positions, kv_positions, kv_valid, segment_ids, scale, causal, sliding_window, softcap,
+           recipe, decode, block_q, block_k, num_warps, num_stages, q_order, num_splits, flash, interpret):
+    """:func:`pallas_attention` (arguments checked there) without its derivative."""
+    b, t = q.shape[:2]
+    s = k.shape[1]
     default_positions = q_positions is None and kv_positions is None
     has_segments = segment_ids is not None
     q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)  # placeholders: no segments

@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._checks import require_choice
+from kernels._grad import with_derivative_of
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SEMANTICS = ("warpgroup", "lane")
@@ -273,6 +274,7 @@ def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, sem
     ``w_layout``: ``"KN"`` (w ``[K, N]``) or ``"NK"`` (w ``[N, K]``, read in place).
     ``out_dtype``: None (x's dtype: step 3 rounds) or ``"float32"`` (the accumulator, unrounded:
     lm_head's float32 logits). ``op`` names the caller in errors.
+    Differentiable: ``jax.grad`` and ``jax.jvp`` see the XLA path's derivative (``kernels._grad``).
     """
     require_choice("semantics", semantics, SEMANTICS, op=op)
     require_choice("w_layout", w_layout, W_LAYOUTS, op=op)
@@ -281,9 +283,23 @@ def mosaic_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, sem
     if why:
         raise ValueError(f"{op}: implementation='mosaic' needs {why}; use implementation='xla'")
     k, n = w.shape if w_layout == "KN" else w.shape[::-1]
-    x2 = x.reshape(-1, k)  # [M, K]: the leading dims flattened (free for a contiguous x)
     num_sms = jax.devices()[0].core_count
-    t = tiling(x2.shape[0], n, k, num_sms, out_itemsize=jnp.dtype(out_dtype or x.dtype).itemsize)
-    out = _call(x2, w, b, t=t, num_sms=num_sms, semantics=semantics, w_layout=w_layout,
-                out_dtype=out_dtype)  # [M, N]
-    return out.reshape(*x.shape[:-1], n)  # [..., N]
+
+    def fast(x, w, b):
+        x2 = x.reshape(-1, k)  # [M, K]: the leading dims flattened (free for a contiguous x)
+        t = tiling(x2.shape[0], n, k, num_sms, out_itemsize=jnp.dtype(out_dtype or x.dtype).itemsize)
+        out = _call(x2, w, b, t=t, num_sms=num_sms, semantics=semantics, w_layout=w_layout,
+                    out_dtype=out_dtype)  # [M, N]
+        return out.reshape(*x.shape[:-1], n)  # [..., N]
+
+    def reference(x, w, b):
+        from kernels.projection import lm_head, linear  # the XLA path; that module imports this one on demand
+
+        if out_dtype is None:
+            return linear(x, w if w_layout == "KN" else w.T, b, implementation="xla")  # w.T: [K, N]
+        logits = lm_head(x, w, logits_dtype="float32", w_layout="DV" if w_layout == "KN" else "VD",
+                         implementation="xla")
+        return logits if b is None else logits + b.astype(jnp.float32)  # the bias, in float32 as the epilogue adds it
+
+    # Differentiated as the XLA path (kernels._grad): a pallas_call has no transpose rule.
+    return with_derivative_of(fast, reference)(x, w, b)

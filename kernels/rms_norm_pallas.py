@@ -32,8 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._checks import is_pow2, next_pow2
+from kernels._grad import with_derivative_of
 from kernels._round import round_to_in_kernel
-from kernels.rms_norm import check_args, torch_rsqrt
+from kernels.rms_norm import _xla, check_args, torch_rsqrt
 
 MAX_CHUNK = 1024  # float32 lanes per program (4 warps: 8 per thread)
 MIN_CHUNK = 16
@@ -154,6 +155,8 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recip
         changing it can move an f32 row's rsqrt factor by an ulp (and every element of the
         row with it): at 0.5B, 4 warps ran 3% faster than 8 but flipped whole rows of
         examples the GPU budget's mismatch fraction was measured on, so 8 stays.
+
+    Differentiable: ``jax.grad`` and ``jax.jvp`` see the XLA path's derivative (``kernels._grad``).
     """
     check_args(x, weight, eps=eps, recipe=recipe)
     d = x.shape[-1]
@@ -168,6 +171,11 @@ def pallas_rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recip
     if not block_rows and chunk is None:
         raise ValueError(f"pallas_rms_norm: D = {d} (x {tuple(x.shape)}) has no power-of-two divisor >= "
                          f"{MIN_CHUNK} for the chunked kernel (block_rows=0); use block_rows >= 1")
-    out = _call(x.reshape(-1, d), weight, eps=float(eps), recipe=recipe, chunk=chunk, block_rows=block_rows,
-                num_warps=num_warps, interpret=bool(interpret))  # [rows, D]
-    return out.reshape(*x.shape[:-1], d)  # [..., D]
+
+    def fast(x, weight):
+        out = _call(x.reshape(-1, d), weight, eps=float(eps), recipe=recipe, chunk=chunk, block_rows=block_rows,
+                    num_warps=num_warps, interpret=bool(interpret))  # [rows, D]
+        return out.reshape(*x.shape[:-1], d)  # [..., D]
+
+    # Differentiated as the XLA path (kernels._grad): a pallas_call has no transpose rule.
+    return with_derivative_of(fast, functools.partial(_xla, eps=eps, recipe=recipe))(x, weight)

@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._checks import is_pow2, next_pow2, require_pow2
+from kernels._grad import with_derivative_of
 from kernels._round import round_to_in_kernel
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -196,7 +197,8 @@ def pallas_apply_rope(xs, cos: jax.Array, sin: jax.Array, *, block_t: int = 1, n
     the first store. ``"program_per_tensor"``: each program rotates one tensor only,
     ``block_t`` positions of the one with the most heads and proportionally more of the
     others. The outputs are the same bits under every schedule.
-    Returns a tuple, one rotated array per input, in its dtype.
+    Returns a tuple, one rotated array per input, in its dtype. Differentiable: ``jax.grad``
+    and ``jax.jvp`` see the XLA path's derivative (``kernels._grad``).
     """
     require_pow2("block_t", block_t, op="pallas_apply_rope")
     for x in xs:
@@ -209,5 +211,14 @@ def pallas_apply_rope(xs, cos: jax.Array, sin: jax.Array, *, block_t: int = 1, n
                          f"got {eviction_policy!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"pallas_apply_rope: schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
-    return _call(tuple(xs), cos, sin, block_t=block_t, num_warps=num_warps, eviction_policy=eviction_policy,
-                 schedule=schedule, interpret=bool(interpret))
+    from kernels.rope import _xla  # kernels.rope imports this module on demand
+
+    def fast(xs, cos, sin):
+        return _call(xs, cos, sin, block_t=block_t, num_warps=num_warps, eviction_policy=eviction_policy,
+                     schedule=schedule, interpret=bool(interpret))
+
+    def reference(xs, cos, sin):
+        return tuple(_xla(x, cos, sin, layout="half") for x in xs)
+
+    # Differentiated as the XLA path (kernels._grad): a pallas_call has no transpose rule.
+    return with_derivative_of(fast, reference)(tuple(xs), cos, sin)

@@ -85,14 +85,17 @@ def _softmax(x: jax.Array, *, axis: int, where: jax.Array | None, compensated: b
     # Always in float32 (jax.nn's rule and HF's dtype=torch.float32): in bf16 the
     # row sum keeps 8 bits and the normalised tail collapses.
     xf = x.astype(jnp.float32)
+    # The shift m cancels out of the result, so it gets no derivative (stop_gradient, as
+    # jax.nn.softmax): differentiated, its terms cancel only to a row sum's rounding, all of
+    # it landing on the row's largest entry (a 4096-long row's gradient at 17x torch's error).
     if where is None:
-        m = jnp.max(xf, axis=axis, keepdims=True)
+        m = jax.lax.stop_gradient(jnp.max(xf, axis=axis, keepdims=True))
         e = jnp.exp(xf - m)
         return (e * (1.0 / _row_sum(e, axis, compensated=compensated))).astype(x.dtype)
 
     visible_row = jnp.any(where, axis=axis, keepdims=True)
     # Masked entries become -inf so that they can neither be the max nor carry a NaN in.
-    m = jnp.max(jnp.where(where, xf, -jnp.inf), axis=axis, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(where, xf, -jnp.inf), axis=axis, keepdims=True))
     m = jnp.where(visible_row, m, 0.0)  # a fully masked row would give -inf - -inf = NaN
     e = jnp.where(where, jnp.exp(jnp.where(where, xf, m) - m), 0.0)
     s = jnp.where(visible_row, _row_sum(e, axis, compensated=compensated), 1.0)

@@ -47,14 +47,27 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     return dot_f32(x, w)  # [..., O] f32
 
 
+@jax.custom_jvp
 def silu_f32(g: jax.Array) -> jax.Array:
     """``g / (1 + exp(-g))`` in float32, the formula torch's CPU silu kernel uses.
 
     Not ``jax.nn.silu``: that computes ``x * sigmoid(x)`` in the input dtype (two
     bf16 roundings; it differs from torch on ~40% of bf16 elements).
+
+    Derivative: ``s (1 + g (1 - s))`` with ``s = 1 / (1 + exp(-g))``, torch's silu backward.
+    Differentiating the formula above instead gives ``inf / inf = NaN`` once ``exp(-g)``
+    overflows (g < -88): NaN gradients for every weight of such a row.
     """
     gf = g.astype(jnp.float32)  # torch computes silu of bf16/f16 in float32
     return gf / (1.0 + jnp.exp(-gf))
+
+
+@silu_f32.defjvp
+def _silu_f32_jvp(primals, tangents):
+    (g,), (dg,) = primals, tangents
+    gf = g.astype(jnp.float32)  # the derivative in float32, as the value
+    s = 1.0 / (1.0 + jnp.exp(-gf))  # exp overflow gives s = 0, not NaN
+    return silu_f32(g), dg.astype(jnp.float32) * (s * (1.0 + gf * (1.0 - s)))
 
 
 def _check(x, w_gate, w_up, w_down, recipe):
