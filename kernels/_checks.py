@@ -29,6 +29,18 @@ def require_choice(name: str, value, choices: Sequence, *, op: str) -> None:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
 
 
+def dtype_option(name: str, value, choices: Sequence, *, op: str):
+    """A dtype option as its name (one of ``choices``, which may hold None): ``"float32"``,
+    ``jnp.float32``, ``np.float32`` and ``np.dtype("float32")`` all mean the same."""
+    if value is not None and not isinstance(value, str):
+        try:
+            value = np.dtype(value).name
+        except TypeError:
+            pass  # not a dtype: require_choice names it
+    require_choice(name, value, choices, op=op)
+    return value
+
+
 def require_ndim(name: str, x, ndim: int, *, op: str, letters: str) -> None:
     if x.ndim != ndim:
         raise ValueError(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import dtype_name, require_choice, require_float
+from kernels._checks import dtype_name, dtype_option, require_choice, require_float
 from kernels._dot import dot_f32
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
@@ -120,7 +120,7 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
     Args:
       h: final hidden states ``[..., D]``, float32 / bfloat16 / float16.
       w: ``[D, V]`` (``w_layout="DV"``) or ``[V, D]`` (``"VD"``), of ``h.dtype``. V up to 152064.
-      logits_dtype: ``None`` (model dtype) or ``"float32"``.
+      logits_dtype: ``None`` (model dtype) or ``"float32"`` (also as ``jnp.float32`` or any dtype-like).
       w_layout: ``"DV"`` (the kernels' ``[in, out]``, as :func:`linear`) or ``"VD"``: HF's
         ``lm_head.weight`` and a tied embedding table, contracted over its D axis in place
         (no transposed copy). On an H100 the 7B head (h[4096, 3584], V = 152064, float32
@@ -144,7 +144,7 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
       ``[..., V]`` logits in ``h.dtype`` or float32.
     """
     require_float("h", h, op="lm_head")
-    require_choice("logits_dtype", logits_dtype, LOGITS_DTYPES, op="lm_head")
+    logits_dtype = dtype_option("logits_dtype", logits_dtype, LOGITS_DTYPES, op="lm_head")
     require_choice("w_layout", w_layout, W_LAYOUTS, op="lm_head")
     _same_dtype("lm_head", "w", w, h)
     d_axis = W_LAYOUTS.index(w_layout)  # the axis of w that is D: 0 for [D, V], 1 for [V, D]
