@@ -276,6 +276,25 @@ def _evaluate(case, kernel):
                    term_scale=terms.numpy())
 
 
+_MASKS = ("q_positions", "kv_positions", "kv_valid", "segment_ids")
+
+
+def _grad_call(kernel, a, **kw):
+    return kernel(a["q"], a["k"], a["v"], **{m: a[m] for m in _MASKS}, **kw)
+
+
+def _gradient(case, kernel):
+    from oracles.gradients import GradProblem
+
+    kw = {k: v for k, v in case.kwargs.items() if k != "q_chunk"}  # q_chunk: the kernel's memory option only
+
+    def oracle(t, exact):
+        return gqa_attention(t["q"], t["k"], t["v"], **kw, **_torch_masks(t), exact=exact)
+
+    return GradProblem(inputs=_inputs(case), diff=("q", "k", "v"), call=_grad_call, kernel=kernel, oracle=oracle,
+                       static=dict(case.kwargs))
+
+
 def _properties(case, outcome, budget):
     """A query row with no visible key is exactly 0 (not NaN, not HF's uniform average)."""
     import numpy as np
@@ -358,7 +377,7 @@ def _make_harness():
     mosaic_impl = Implementation(kernel=mosaic_flash, case_opts=MOSAIC_FLASH_CASES, backends=("gpu",),
                                  dtypes=("bfloat16", "float16"), requires="a Hopper GPU", device_lacks=not_hopper)
     # A sweep's cells: each recipe at each (T, S) (S: the length of softmax's sum and of p @ v).
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties, gradient=_gradient,
                    implementations={"pallas_flash": flash, "cudnn": cudnn_impl, "mosaic_flash": mosaic_impl},
                    strata=lambda o: strata_product(o, scalars={"recipe": RECIPES}, tuples={"ts_pairs": TS_PAIRS}))
 

@@ -320,6 +320,45 @@ def cmd_mutants(args) -> int:
     return EXIT_BREACH if (survived or errors) else 0
 
 
+def cmd_gradients(args) -> int:
+    """The worst float32 gradient accuracy ratio of each op on this backend (oracles.gradients)."""
+    from oracles import gradients
+    from oracles.jaxsetup import configure_jax
+    from oracles.registry import OP_NAMES, backend, harness
+    from oracles import tighten
+    from oracles.budgets import yaml_rt
+    from oracles.tighten import versions
+
+    configure_jax()
+    tol = _load_tolerances(args.tolerances)
+    ops = args.ops or [op for op in OP_NAMES if harness(op).gradient is not None]
+    results = {}
+    for op in ops:
+        t0 = time.time()
+        worst = gradients.sweep(op, examples=args.examples, seed=args.seed, tolerances=tol)
+        budget = tol.lookup(op, "float32", backend()).properties.get("grad_ratio")
+        measured = max((w["ratio"] for w in worst.values()), default=0.0)
+        proposed = tighten.propose("accuracy.ratio", measured, args.margin)  # the accuracy ratio's rule
+        results[op] = {"budget": budget, "measured": measured, "proposed": proposed, "inputs": worst,
+                       "seconds": round(time.time() - t0, 1)}
+        for name, w in worst.items():
+            print(f"{op:<11} grad({name}): worst ratio {w['ratio']:.4g} [budget {budget}]  case {w['case']}")
+        print(f"{op:<11} grad_ratio: measured {measured:.4g} -> proposed {proposed:g} (budget {budget})")
+    meta = {"backend": backend(), "examples": args.examples, "seed": args.seed, "versions": versions()}
+    if args.out:
+        Path(args.out).write_text(json.dumps({**meta, "ops": results}, indent=1) + "\n")
+    if args.write:  # grad_ratio := proposed where there is none, or where it is within the budget
+        with tighten.locked(tol.path):
+            data = yaml_rt().load(tol.path.read_text())
+            for op, r in results.items():
+                props = data[op]["float32"][backend()].setdefault("properties", {})
+                if r["budget"] is None or r["proposed"] <= r["budget"] or args.allow_loosen:
+                    props["grad_ratio"] = r["proposed"]
+            tighten.write_atomic(tol.path, tighten.dump(data))
+    over = [op for op, r in results.items() if r["budget"] is not None and not r["measured"] <= r["budget"]]
+    return EXIT_BREACH if over else 0
+
+
 def cmd_repro(args) -> int:
     from oracles.jaxsetup import configure_jax
     from oracles.registry import Case, run_case
@@ -330,8 +369,18 @@ def cmd_repro(args) -> int:
     except (ValueError, TypeError, KeyError) as e:
         raise SystemExit(f"parity repro: cannot read the case JSON ({e}); pass the text after 'parity repro'") from None
     tol = _load_tolerances(args.tolerances)
-    _, budget, js = run_case(case, tol)
-    print(f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] shapes {case.shapes} budget {budget.key_path}")
+    if args.gradient:
+        from oracles import gradients
+        from oracles.registry import active_kernel, backend, harness
+
+        budget = tol.lookup(case.op, case.dtype, backend(), case.recipe)
+        js = gradients.judge(harness(case.op).gradient(case, active_kernel(case.op)), budget)
+        print(f"{case.op} gradient [{case.dtype}, {budget.backend}, {case.kwargs}] shapes {case.shapes} "
+              f"budget {budget.key_path}.properties.grad_ratio")
+    else:
+        _, budget, js = run_case(case, tol)
+        print(f"{case.op} [{case.dtype}, {budget.backend}, {case.kwargs}] shapes {case.shapes} "
+              f"budget {budget.key_path}")
     for j in js:
         print()
         print(j.message(header=" ", reproducer=""))
@@ -392,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--tolerances", default=None)
     dv.set_defaults(fn=cmd_diverge)
 
+    g = sub.add_parser("gradients", help="measure each op's float32 gradient against torch autograd's")
+    g.add_argument("--ops", nargs="*")
+    g.add_argument("--examples", type=int, default=60, help="cases per op (default 60)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, help="write the results as JSON here")
+    g.add_argument("--margin", type=float, default=1.25, help="proposed budget = measured x margin, rounded up")
+    g.add_argument("--write", action="store_true",
+                   help="write the proposed grad_ratio into tolerances.yaml (never loosening unless told)")
+    g.add_argument("--allow-loosen", action="store_true")
+    g.add_argument("--tolerances", default=None)
+    g.set_defaults(fn=cmd_gradients)
+
     m = sub.add_parser("mutants", help="prove the tests kill every registered bug class")
     m.add_argument("--ops", nargs="*")
     m.add_argument("--profile", default="ci", help="hypothesis profile for the test runs (default ci)")
@@ -400,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("repro", help="rerun one case from a failure's reproducer line")
     r.add_argument("case", help="the case JSON printed after 'parity repro'")
+    r.add_argument("--gradient", action="store_true", help="rerun the case's float32 gradient check")
     r.add_argument("--tolerances", default=None)
     r.set_defaults(fn=cmd_repro)
     return p

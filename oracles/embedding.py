@@ -75,11 +75,24 @@ def _evaluate(case, kernel):
                    kernel_shape=tuple(k.shape))
 
 
+def _grad_call(kernel, a):
+    return kernel(a["ids"], a["table"])
+
+
+def _gradient(case, kernel):
+    from oracles.gradients import GradProblem
+
+    def oracle(t, exact):
+        return embed(torch.from_numpy(t["ids"]).to(torch.int64), t["table"], exact=exact)
+
+    return GradProblem(inputs=_inputs(case), diff=("table",), call=_grad_call, kernel=kernel, oracle=oracle)
+
+
 def _make_harness():
     from kernels.embedding import embed as kernel
     from oracles.registry import Harness
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel)
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, gradient=_gradient)
 
 
 HARNESS = _make_harness()

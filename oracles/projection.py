@@ -168,6 +168,26 @@ def _oracle(inp, recipe, w_layout, *, exact=False):
                    exact=exact)
 
 
+def _grad_call(kernel, a, **kw):
+    return kernel(a["x"], a["w"], a.get("b"), **kw)
+
+
+def _gradient(case, kernel):
+    from oracles.gradients import GradProblem
+
+    kw = case.kwargs
+    inp = _inputs(case)
+
+    def oracle(t, exact):
+        if kw["recipe"] == "linear":
+            return linear(t["x"], t["w"], t.get("b"), exact=exact)
+        return lm_head(t["x"], t["w"], logits_dtype="float32" if kw["recipe"] == "lm_head_f32" else None,
+                       w_layout=kw["w_layout"], exact=exact)
+
+    return GradProblem(inputs=inp, diff=tuple(n for n in ("x", "w", "b") if n in inp), call=_grad_call,
+                       kernel=kernel, oracle=oracle, static=dict(kw))
+
+
 def _evaluate(case, kernel):
     from oracles.compare import dtype_name, term_scale, to_f64
     from oracles.registry import Outcome, jitted
@@ -238,7 +258,7 @@ def _make_harness():
     mosaic_impl = Implementation(kernel=mosaic, case_opts=MOSAIC_CASES, backends=("gpu",),
                                  dtypes=("bfloat16", "float16"), requires="a Hopper GPU",
                                  device_lacks=not_hopper)
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties,
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=drive, properties=_properties, gradient=_gradient,
                    implementations={"mosaic": mosaic_impl}, strata=_strata)
 
 

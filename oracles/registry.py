@@ -99,6 +99,8 @@ class Harness:
                 Why: hypothesis generates to find bugs, not to sample; over 60 examples it
                 drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 examples in one
                 cell, and never the one whose float32 logits set the budget.
+    gradient:   ``(case, kernel_fn) -> oracles.gradients.GradProblem`` for a float32 case: the
+                kernel's vjp against torch autograd's and the float64 truth's (:func:`check_gradient`).
     """
 
     cases: Callable
@@ -108,6 +110,7 @@ class Harness:
     examples_scale: float = 1.0
     implementations: dict = field(default_factory=dict)
     strata: Callable[[dict], list[dict]] | None = None
+    gradient: Callable | None = None
 
 
 def strata_product(opts: dict, *, scalars: dict | None = None, tuples: dict | None = None) -> list[dict]:
@@ -247,6 +250,20 @@ def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str 
     budget = tolerances.lookup(case.op, case.dtype, be or backend(), case.recipe, implementation=implementation,
                                measure_only=measure_only)
     return outcome, budget, judge_case(case, outcome, budget)
+
+
+def check_gradient(case: Case, tolerances, *, kernel: Callable | None = None) -> list[compare.Judgment]:
+    """The float32 gradient of one case (``oracles.gradients``), judged against
+    ``properties.grad_ratio``; raises ``NumericsError`` with the reproducer on a failure."""
+    from oracles import gradients
+
+    h = harness(case.op)
+    budget = tolerances.lookup(case.op, case.dtype, backend(), case.recipe)
+    js = gradients.judge(h.gradient(case, kernel or active_kernel(case.op)), budget)
+    compare.require(js, header=f"{case.op} gradient [{case.dtype}, {budget.backend}, {case.kwargs}] "
+                               f"({budget.key_path}.properties.grad_ratio): ",
+                    reproducer=f"parity repro --gradient {shlex.quote(case.to_json())}")
+    return js
 
 
 def check_case(case: Case, tolerances, *, kernel: Callable | None = None,

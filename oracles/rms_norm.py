@@ -102,13 +102,25 @@ def _evaluate(case, kernel):
                    ulp_dtype=case.dtype)  # "hf" rounds to x.dtype before a wider weight may promote
 
 
+def _grad_call(kernel, a, **kw):
+    return kernel(a["x"], a["weight"], **kw)
+
+
+def _gradient(case, kernel):
+    from oracles.gradients import GradProblem
+
+    return GradProblem(inputs=_inputs(case), diff=("x", "weight"), call=_grad_call, kernel=kernel,
+                       oracle=lambda t, exact: rms_norm(t["x"], t["weight"], **case.kwargs, exact=exact),
+                       static=dict(case.kwargs))
+
+
 def _make_harness():
     from kernels.rms_norm import rms_norm as kernel
     from oracles import strategies as S
     from oracles.registry import Harness, strata_product
 
     # A sweep's cells: each recipe at each width (the length of the sum of squares).
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel,
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, gradient=_gradient,
                    strata=lambda o: strata_product(o, scalars={"recipe": RECIPES},
                                                    tuples={"widths": S.MODEL_WIDTHS + S.SMALL_WIDTHS}))
 

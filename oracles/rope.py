@@ -299,6 +299,23 @@ def kernel_pipeline(x, positions, *, theta, rope_type, partial_rotary_factor, sc
     return cos, sin, k_apply(x, cos, sin, layout=layout)
 
 
+def _grad_call(kernel, a, **kw):
+    return kernel(a["x"], a["positions"], **kw)[2]  # y: the tables have no input to differentiate
+
+
+def _gradient(case, kernel):
+    import numpy as np
+
+    from oracles.gradients import GradProblem
+
+    def oracle(t, exact):
+        return oracle_pipeline(t["x"], torch.from_numpy(t["positions"].astype(np.int64)), **case.kwargs,
+                               exact=exact)[2]
+
+    return GradProblem(inputs=inputs(case), diff=("x",), call=_grad_call, kernel=kernel, oracle=oracle,
+                       static=hashable_kwargs(case.kwargs))
+
+
 def _evaluate(case, kernel):
     import numpy as np
 
@@ -376,7 +393,8 @@ def _properties(case, outcome, budget):
 def _make_harness():
     from oracles.registry import Harness
 
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel_pipeline, properties=_properties)
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel_pipeline, properties=_properties,
+                   gradient=_gradient)
 
 
 HARNESS = _make_harness()

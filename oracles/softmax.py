@@ -161,12 +161,29 @@ def _properties(case, outcome, budget):
     return js
 
 
+def _grad_call(kernel, a, **kw):
+    return kernel(a["x"], where=a["where"], **kw)
+
+
+def _gradient(case, kernel):
+    import torch
+
+    from oracles.gradients import GradProblem
+
+    def oracle(t, exact):
+        where = None if t["where"] is None else torch.from_numpy(t["where"])
+        return softmax(t["x"], axis=case.kwargs["axis"], where=where, exact=exact)
+
+    return GradProblem(inputs=_inputs(case), diff=("x",), call=_grad_call, kernel=kernel, oracle=oracle,
+                       static={"axis": case.kwargs["axis"]})
+
+
 def _make_harness():
     from kernels.softmax import softmax as kernel
     from oracles.registry import Harness, strata_product
 
     # A sweep's cells: each length of the reduced axis.
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties,
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, properties=_properties, gradient=_gradient,
                    strata=lambda o: strata_product(o, tuples={"lengths": LENGTHS}))
 
 

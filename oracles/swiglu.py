@@ -164,12 +164,27 @@ def _evaluate(case, kernel):
                    term_scale=term_scale(h, inp["w_down"]))
 
 
+_NAMES = ("x", "w_gate", "w_up", "w_down")
+
+
+def _grad_call(kernel, a, **kw):
+    return kernel(*(a[n] for n in _NAMES), **kw)
+
+
+def _gradient(case, kernel):
+    from oracles.gradients import GradProblem
+
+    return GradProblem(inputs=_inputs(case), diff=_NAMES, call=_grad_call, kernel=kernel,
+                       oracle=lambda t, exact: swiglu(*(t[n] for n in _NAMES), **case.kwargs, exact=exact),
+                       static=dict(case.kwargs))
+
+
 def _make_harness():
     from kernels.swiglu import swiglu as kernel
     from oracles.registry import Harness, strata_product
 
     # A sweep's cells: each recipe at each (D, F) (the two reduction lengths).
-    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel,
+    return Harness(cases=_cases(), evaluate=_evaluate, kernel=kernel, gradient=_gradient,
                    strata=lambda o: strata_product(o, scalars={"recipe": RECIPES},
                                                    tuples={"shapes": SMALL_SHAPES + BIG_SHAPES}))
 

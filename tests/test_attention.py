@@ -21,7 +21,7 @@ from oracles.arrays import to_torch
 from oracles.attention import RECIPES, _inputs, _torch_masks, pallas_flash, visibility
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
-from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted, not_hopper
+from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted, not_hopper
 from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
 
 H = harness("attention")
@@ -516,3 +516,37 @@ def test_mosaic_flash_refuses_what_it_cannot_take():
     q, k = jnp.zeros((1, 1, 130, 64), jnp.bfloat16), jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"at most 64 query heads per kv head \(got 65\)"):
         gqa_attention(q, k, k, implementation="mosaic_flash", recipe="fp32_logits")
+
+
+@given(case=H.cases(dtype="float32"))
+def test_float32_gradient_within_budget(tolerances, case):
+    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
+    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
+    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
+    check_gradient(case, tolerances, kernel=kernel)
+
+
+def test_mosaic_flash_gradient_is_the_xla_paths():
+    """On a Hopper GPU: jax.vjp through implementation="mosaic_flash" (a decode step, a padding
+    mask) is the fp32_logits XLA path's, to the bit (kernels._grad). Elsewhere it is refused,
+    naming the Hopper GPU."""
+    from kernels.attention import gqa_attention  # the real paths (not a mutant: this compares two kernels)
+    from oracles.gradients import seeded_vjp
+
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, 200, 2, 64)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((2, 200, 2, 64)), jnp.bfloat16)
+    kv_valid = jnp.asarray(np.arange(200)[None, :] < np.array([[150], [200]]))  # [B, S]
+
+    def run(implementation):
+        return lambda q, k, v: gqa_attention(q, k, v, kv_valid=kv_valid, recipe="fp32_logits",
+                                             implementation=implementation)
+
+    if not_hopper():
+        with pytest.raises(ValueError, match=r"implementation='mosaic_flash' needs a Hopper GPU"):
+            run("mosaic_flash")(q, k, v)
+        return
+    got, want = seeded_vjp(run("mosaic_flash"), q, k, v), seeded_vjp(run("xla"), q, k, v)
+    for name, g, r in zip("qkv", got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"d{name}")

@@ -320,3 +320,29 @@ def test_gqa_attention_pallas_flash_refuses_the_hf_recipe():
     q, k, v = _arrays(0, 1, 4, 4, 2, 2, 16, "bfloat16")
     with pytest.raises(ValueError, match="implementation='pallas_flash' needs recipe='fp32_logits'"):
         gqa_attention(q, k, v, recipe="hf", implementation="pallas_flash")
+
+
+# Each mask kind, softcap and both recipes, in bf16 (the dtype the GPU default serves), on
+# the query-tiled kernel, and the decode cases on the split-key kernel and with flash numerics.
+GRAD_MATRIX = ([(c, "hf", "query_tiled", False) for c in CASES]
+               + [("softcap", "fp32_logits", "query_tiled", False), ("decode", "hf", "split_key", False),
+                  ("kv_valid_empty_rows", "fp32_logits", "split_key", True)])
+
+
+@pytest.mark.parametrize(("case", "recipe", "kernel", "flash"), GRAD_MATRIX)
+def test_gradient_is_the_xla_paths(case, recipe, kernel, flash):
+    """jax.vjp through the kernel is jax.vjp through gqa_attention's XLA path with the same
+    options, to the bit (kernels._grad differentiates that twin): every mask and option must
+    reach it. Before, any jax.grad through the GPU default stopped with an AssertionError."""
+    from oracles.gradients import seeded_vjp
+
+    b, t, s, n, kh, h, make_kwargs = CASES[case]
+    q, k, v = _arrays(list(CASES).index(case), b, t, s, n, kh, h, "bfloat16")
+    kw = dict(make_kwargs(b, t, s), recipe=recipe)
+    got = seeded_vjp(lambda q, k, v: pallas_attention(q, k, v, **kw, **KERNEL_OPTS[kernel], flash=flash,
+                                                      interpret=True), q, k, v)
+    want = seeded_vjp(lambda q, k, v: gqa_attention(q, k, v, **kw, implementation="xla"), q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == w.dtype and bool(jnp.isfinite(w.astype(jnp.float32)).all()), f"{case}: d{name}"
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                      err_msg=f"{case} {recipe} {kernel}: d{name}")

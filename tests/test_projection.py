@@ -18,7 +18,7 @@ from oracles.arrays import TORCH_DTYPES, to_torch
 from oracles.projection import RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
-from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
+from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
 from tests.strategies import DTYPES
 
 H = harness("projection")
@@ -368,3 +368,54 @@ def test_mosaic_is_not_run_on_a_gpu_that_is_not_hopper(tolerances, monkeypatch):
     assert MOSAIC.why_not("cpu", "bfloat16") == "gpu only, needs a Hopper GPU"  # not asked off its backend
     monkeypatch.setattr(lm, "hopper", lambda: True)
     assert MOSAIC.why_not("gpu", "bfloat16") == ""
+
+
+@given(case=H.cases(dtype="float32"))
+def test_float32_gradient_within_budget(tolerances, case):
+    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
+    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
+    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
+    check_gradient(case, tolerances, kernel=kernel)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_mosaic_gradient_is_the_xla_paths(recipe):
+    """On a Hopper GPU, where the mosaic GEMM is the default for bf16/f16 projections: jax.vjp
+    through it is the XLA path's, to the bit, for x, w and the bias (kernels._grad; a pallas_call
+    has no transpose rule). Elsewhere the call is refused, naming the Hopper GPU."""
+    from oracles.gradients import seeded_vjp
+    from oracles.projection import drive
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((256, 896)), jnp.bfloat16)
+    layout = "DV" if recipe == "linear" else "VD"
+    w = jnp.asarray(rng.standard_normal((896, 1024) if layout == "DV" else (1024, 896)) * 0.03, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(1024), jnp.bfloat16) if recipe == "linear" else None
+    args = (x, w) if b is None else (x, w, b)
+
+    def run(implementation):
+        return lambda x, w, b=None: drive(x, w, b, recipe=recipe, w_layout=layout, implementation=implementation)
+
+    if backend() != "gpu":
+        with pytest.raises(ValueError, match=r"implementation='mosaic' needs a Hopper GPU"):
+            run("mosaic")(*args)
+        return
+    got, want = seeded_vjp(run("mosaic"), *args), seeded_vjp(run("xla"), *args)
+    for name, g, r in zip(("x", "w", "b"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"{recipe}: d{name}")
+
+
+def test_logits_dtype_takes_any_dtype_like():
+    """logits_dtype=jnp.float32 / np.float32 / np.dtype mean "float32"; anything else is refused by name."""
+    from kernels.projection import lm_head as k_lm_head
+
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 10)), jnp.bfloat16)
+    want = np.asarray(k_lm_head(h, w, logits_dtype="float32", implementation="xla"))
+    for spelling in (jnp.float32, np.float32, np.dtype("float32")):
+        got = k_lm_head(h, w, logits_dtype=spelling, implementation="xla")
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match=r"logits_dtype must be one of \[None, 'float32'\], got 'bfloat16'"):
+        k_lm_head(h, w, logits_dtype=jnp.bfloat16)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from oracles.arrays import to_torch
 from oracles.compare import judge_parity, require
-from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
+from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
 from oracles.rms_norm import RECIPES
 from oracles.rms_norm import rms_norm as oracle
 from tests.strategies import DTYPES
@@ -138,6 +138,23 @@ def test_pallas_kernel_within_budget_of_xla_path(tolerances, dtype, recipe, bloc
                  header=f"pallas vs xla rms_norm [{dtype}, weight {wdt}, {recipe}]: ", reproducer="")
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pallas_kernel_gradient_is_the_xla_paths(recipe):
+    """jax.vjp through the Pallas kernel (the GPU default) is the XLA path's, to the bit, for x
+    and a float32 weight (kernels._grad): before, jax.grad stopped there with an AssertionError."""
+    from kernels.rms_norm import rms_norm  # the real XLA path (not a mutant: this compares two kernels)
+    from kernels.rms_norm_pallas import pallas_rms_norm
+    from oracles.gradients import seeded_vjp
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((5, 896)) * 10.0 ** rng.uniform(-2, 2, (5, 1)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(896) * 0.1 + 1, jnp.float32)
+    got = seeded_vjp(lambda x, w: pallas_rms_norm(x, w, recipe=recipe, interpret=True), x, w)
+    want = seeded_vjp(lambda x, w: rms_norm(x, w, recipe=recipe, implementation="xla"), x, w)
+    for name, g, r in zip(("x", "weight"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"d{name}")
+
+
 def test_pallas_kernel_refuses_what_it_cannot_hold():
     from kernels.rms_norm import rms_norm
     from kernels.rms_norm_pallas import pallas_rms_norm
@@ -155,3 +172,11 @@ def test_pallas_kernel_refuses_what_it_cannot_hold():
     # Whole rows take any width that fits: D = 100 is padded to 128 by masked loads.
     np.testing.assert_array_equal(np.asarray(pallas_rms_norm(x, w, block_rows=1, interpret=True)),
                                   np.asarray(rms_norm(x, w, implementation="xla")))
+
+
+@given(case=H.cases(dtype="float32"))
+def test_float32_gradient_within_budget(tolerances, case):
+    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
+    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
+    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
+    check_gradient(case, tolerances, kernel=kernel)

@@ -17,7 +17,7 @@ from kernels import rope as K
 from oracles import rope as O
 from oracles.arrays import to_torch, torch_to_numpy
 from oracles.compare import ulp_distance
-from oracles.registry import active_kernel, check_case, harness, jitted
+from oracles.registry import active_kernel, check_case, check_gradient, harness, jitted
 from tests.strategies import DTYPES
 
 H = harness("rope")
@@ -267,6 +267,24 @@ def test_pallas_kernel_equals_xla_path_bit_for_bit(dtype, shape):
                                                   f"block_t {block_t}, {schedule}]")
 
 
+def test_pallas_kernel_gradient_is_the_xla_paths():
+    """jax.vjp through the Pallas kernel (the GPU default for bf16/f16), q and k in one launch,
+    is the XLA path's, to the bit (kernels._grad): before, jax.grad stopped there with an
+    AssertionError."""
+    from kernels.rope_pallas import pallas_apply_rope
+    from oracles.gradients import seeded_vjp
+
+    rng = np.random.default_rng(13)
+    q = jnp.asarray(rng.standard_normal((2, 3, 6, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, 3, 2, 64)), jnp.bfloat16)
+    ang = rng.uniform(0, 100, (2, 3, 64))
+    cos, sin = jnp.asarray(np.cos(ang), jnp.bfloat16), jnp.asarray(np.sin(ang), jnp.bfloat16)
+    got = seeded_vjp(lambda q, k: pallas_apply_rope((q, k), cos, sin, interpret=True), q, k)
+    want = seeded_vjp(lambda q, k: tuple(K.apply_rope(x, cos, sin, implementation="xla") for x in (q, k)), q, k)
+    for name, g, w in zip("qk", got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=f"d{name}")
+
+
 def test_apply_rope_qk_equals_two_apply_rope_calls():
     rng = np.random.default_rng(12)
     q = jnp.asarray(rng.standard_normal((2, 3, 6, 64)), jnp.bfloat16)
@@ -330,3 +348,11 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match=r"scaling says rope_type 'yarn' but rope_type='default'"):
         K.rope_frequencies(64, theta=1e4, scaling={"rope_type": "yarn"})
     assert math.isfinite(K.rope_frequencies(64, theta=1e4)[1])
+
+
+@given(case=H.cases(dtype="float32"))
+def test_float32_gradient_within_budget(tolerances, case):
+    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
+    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
+    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
+    check_gradient(case, tolerances, kernel=kernel)

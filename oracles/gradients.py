@@ -1,0 +1,156 @@
+"""Gradients: ``jax.vjp`` of a float32 kernel against the float64 truth, beside torch autograd's.
+
+Users train with these kernels, so each must be differentiable on every path (the fused
+GPU kernels take their XLA twin's derivative: ``kernels._grad``) and its gradient must be
+as accurate as the one a PyTorch training run gets from autograd through the oracle.
+One case (a :class:`GradProblem`, built by the op's ``Harness.gradient``):
+
+    1. a cotangent ``c`` of the output's shape: standard normal float32, seeded;
+    2. the kernel's ``c^T J`` for each differentiated input (``jax.vjp``, jit-compiled);
+    3. torch autograd's ``c^T J`` through the oracle in float32, and through the oracle's
+       ``exact=True`` on float64 leaves (the truth: no rounding anywhere);
+    4. per input, :func:`oracles.compare.judge_accuracy`: ``err(kernel) <= grad_ratio *
+       err(torch) + floor``, the floor being the op's accuracy ``floor_ulps`` float32 ulps of
+       ``max |truth|``; elements whose truth is not finite are not judged, nor is a gradient
+       whose largest truth is below 2^-100: float32 ulps there approach the subnormals, which
+       XLA flushes to zero (CPU and GPU) and torch keeps (a softmax saturated by scores of 1e4
+       has gradients of ~1e-38, and the flushes decide them).
+
+Float32 only: there the comparison is between two float32 computations of one derivative;
+in bf16/f16 torch's backward rounds where its autograd formulas round, which no recipe here
+claims to reproduce. Budget: ``<op>.float32.<backend>.properties.grad_ratio``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from oracles import compare
+
+
+@dataclass
+class GradProblem:
+    """One case's gradient: ``call(kernel, arrays, **static)`` runs the kernel (a module-level
+    function, so that the compiled vjp is reused across cases of one shape), ``oracle(tensors,
+    exact)`` the oracle on torch tensors; both get every input of ``inputs`` (numpy arrays,
+    or None), ``diff`` names the differentiated ones (float32)."""
+
+    inputs: dict
+    diff: tuple
+    call: Callable
+    kernel: Callable
+    oracle: Callable
+    static: dict = field(default_factory=dict)
+
+
+_SMALLEST_JUDGED = 2.0**-100  # see the module docstring, step 4
+
+
+@functools.lru_cache(maxsize=None)
+def _vjp(call, kernel, static_items: tuple, diff: tuple):
+    import jax
+
+    static = dict(static_items)
+
+    def grads(arrays, c):
+        fixed = {n: a for n, a in arrays.items() if n not in diff}
+        out, pull = jax.vjp(lambda d: call(kernel, {**fixed, **d}, **static), {n: arrays[n] for n in diff})
+        return pull(c.astype(out.dtype))[0]
+
+    return jax.jit(grads)
+
+
+def _torch_grads(p: GradProblem, c: np.ndarray, *, exact: bool) -> dict:
+    import torch
+
+    from oracles.arrays import to_torch
+
+    dt = torch.float64 if exact else torch.float32  # the truth's leaves are float64: no rounding of its grads
+    leaves = {n: to_torch(p.inputs[n]).to(dt).requires_grad_(True) for n in p.diff}
+    out = p.oracle({**{n: p.inputs[n] for n in p.inputs if n not in p.diff}, **leaves}, exact)
+    out.backward(torch.from_numpy(c).to(out.dtype))
+    return {n: t.grad.to(torch.float64).numpy() for n, t in leaves.items()}
+
+
+def measure(p: GradProblem, *, seed: int = 0) -> dict:
+    """``{input name: (kernel grad, torch float32 grad, float64 truth grad)}`` as float64 arrays."""
+    import torch
+
+    for n in p.diff:
+        if np.asarray(p.inputs[n]).dtype != np.float32:
+            raise ValueError(f"gradients: {n} must be float32, got {np.asarray(p.inputs[n]).dtype}")
+    from oracles.arrays import to_torch
+
+    with torch.no_grad():  # the output's shape, for the cotangent
+        shape = tuple(p.oracle({n: (to_torch(a) if n in p.diff else a) for n, a in p.inputs.items()}, False).shape)
+    c = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    gk = _vjp(p.call, p.kernel, tuple(sorted(p.static.items())), tuple(p.diff))(p.inputs, c)
+    go = _torch_grads(p, c, exact=False)
+    gt = _torch_grads(p, c, exact=True)
+    return {n: (compare.to_f64(np.asarray(gk[n])), go[n], gt[n]) for n in p.diff}
+
+
+def judge(p: GradProblem, budget) -> list[compare.Judgment]:
+    """One ``grad(<input>)`` judgment per differentiated input (see the module docstring)."""
+    acc = compare.AccuracyBudget(ratio=budget.properties["grad_ratio"], floor_ulps=budget.accuracy.floor_ulps)
+    js = []
+    for name, (k, o, t) in measure(p).items():
+        fin = np.isfinite(t)
+        if fin.any() and np.max(np.abs(t[fin])) < _SMALLEST_JUDGED:
+            js.append(compare.Judgment(f"grad({name})", True, {"ratio": 0.0}, {},
+                                       f"max |truth| {np.max(np.abs(t[fin])):.3g} < 2^-100: not judged"))
+            continue
+        shape_ok = k.shape == t.shape
+        if not shape_ok:
+            js.append(compare.Judgment(f"grad({name})", False, {}, {}, f"gradient shape {k.shape}, truth {t.shape}"))
+            continue
+        j = compare.judge_accuracy(k, o, t, dtype="float32", budget=acc)
+        j.kind = f"grad({name})"
+        js.append(j)
+    return js
+
+
+def sweep(op: str, *, examples: int, seed: int, tolerances, on_case: Callable | None = None) -> dict:
+    """The worst gradient accuracy ratio of ``op`` in float32 on this backend over ``examples``
+    cases, drawn as ``parity tighten`` draws them (stratified over the op's cells, seeded):
+    ``{input name: {"ratio": worst, "case": its case's JSON}}``. The ratio judged is the one
+    measured (the budget's ratio is not applied: this is what sets it)."""
+    from oracles import registry
+    from oracles import sweep as sw
+
+    h = registry.harness(op)
+    if h.gradient is None:
+        raise ValueError(f"{op}: no gradient problem (Harness.gradient)")
+    worst: dict = {}
+
+    def one(case):
+        budget = tolerances.lookup(op, "float32", registry.backend(), case.recipe)
+        budget.properties["grad_ratio"] = math.inf  # measure only
+        for j in judge(h.gradient(case, registry.active_kernel(op)), budget):
+            r = float(j.measured.get("ratio", math.nan))
+            name = j.kind[len("grad("):-1]
+            if name not in worst or not r <= worst[name]["ratio"]:  # NaN (not differentiable) sticks
+                worst[name] = {"ratio": r, "case": case.to_json()}
+        if on_case:
+            on_case(case)
+
+    for i, (opts, share) in enumerate(cells := sw.plan(op, examples)):
+        sw._run_cell(h, "float32", opts, examples=share, seed=seed if len(cells) == 1 else seed * 1009 + i, run=one)
+    return worst
+
+
+def seeded_vjp(f: Callable, *args, seed: int = 0) -> tuple:
+    """``jax.vjp(f, *args)`` pulled back from one standard normal cotangent (seeded, in the
+    output's dtype; ``f`` returns one array or a tuple of them): the gradients of every arg."""
+    import jax
+    import jax.numpy as jnp
+
+    out, pull = jax.vjp(f, *args)
+    rng = np.random.default_rng(seed)
+    ct = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
+    return pull(ct)
