@@ -320,7 +320,8 @@ def _softmax_pair(hi, lo, vis):
     hi = jnp.where(vis, hi, -jnp.inf)
     # The shift gets no derivative: it cancels out (kernels.softmax says why that matters).
     m = jax.lax.stop_gradient(jnp.max(hi, axis=-1, keepdims=True))
-    m_lo = jax.lax.stop_gradient(jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True))  # the max's lo (ties: the largest)
+    # The max's lo (ties: the largest).
+    m_lo = jax.lax.stop_gradient(jnp.max(jnp.where(hi == m, lo, -jnp.inf), axis=-1, keepdims=True))
     m, m_lo = jnp.where(row, m, 0.0), jnp.where(row, m_lo, 0.0)  # no visible key: no -inf - -inf
     d, d_err = tf.two_sum(jnp.where(vis, hi, m), -m)
     d_lo = (jnp.where(vis, lo, m_lo) - m_lo) + d_err
