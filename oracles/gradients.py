@@ -65,7 +65,9 @@ def _vjp(call, kernel, static_items: tuple, diff: tuple):
     return jax.jit(grads)
 
 
-def _torch_grads(p: GradProblem, c: np.ndarray, *, exact: bool) -> dict:
+def _torch_grads(p: GradProblem, *, exact: bool, c: np.ndarray | None = None, seed: int = 0):
+    """torch autograd's ``c^T J`` through the oracle, and ``c`` (drawn from ``seed`` in the
+    output's shape when not given): ``({input name: float64 grad}, c)``."""
     import torch
 
     from oracles.arrays import to_torch
@@ -73,25 +75,20 @@ def _torch_grads(p: GradProblem, c: np.ndarray, *, exact: bool) -> dict:
     dt = torch.float64 if exact else torch.float32  # the truth's leaves are float64: no rounding of its grads
     leaves = {n: to_torch(p.inputs[n]).to(dt).requires_grad_(True) for n in p.diff}
     out = p.oracle({**{n: p.inputs[n] for n in p.inputs if n not in p.diff}, **leaves}, exact)
+    if c is None:
+        c = np.random.default_rng(seed).standard_normal(tuple(out.shape)).astype(np.float32)
     out.backward(torch.from_numpy(c).to(out.dtype))
-    return {n: t.grad.to(torch.float64).numpy() for n, t in leaves.items()}
+    return {n: t.grad.to(torch.float64).numpy() for n, t in leaves.items()}, c
 
 
 def measure(p: GradProblem, *, seed: int = 0) -> dict:
     """``{input name: (kernel grad, torch float32 grad, float64 truth grad)}`` as float64 arrays."""
-    import torch
-
     for n in p.diff:
         if np.asarray(p.inputs[n]).dtype != np.float32:
             raise ValueError(f"gradients: {n} must be float32, got {np.asarray(p.inputs[n]).dtype}")
-    from oracles.arrays import to_torch
-
-    with torch.no_grad():  # the output's shape, for the cotangent
-        shape = tuple(p.oracle({n: (to_torch(a) if n in p.diff else a) for n, a in p.inputs.items()}, False).shape)
-    c = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    go, c = _torch_grads(p, exact=False, seed=seed)  # c: the one cotangent all three pull back
+    gt, _ = _torch_grads(p, exact=True, c=c)
     gk = _vjp(p.call, p.kernel, tuple(sorted(p.static.items())), tuple(p.diff))(p.inputs, c)
-    go = _torch_grads(p, c, exact=False)
-    gt = _torch_grads(p, c, exact=True)
     return {n: (compare.to_f64(np.asarray(gk[n])), go[n], gt[n]) for n in p.diff}
 
 
@@ -105,8 +102,7 @@ def judge(p: GradProblem, budget) -> list[compare.Judgment]:
             js.append(compare.Judgment(f"grad({name})", True, {"ratio": 0.0}, {},
                                        f"max |truth| {np.max(np.abs(t[fin])):.3g} < 2^-100: not judged"))
             continue
-        shape_ok = k.shape == t.shape
-        if not shape_ok:
+        if k.shape != t.shape:
             js.append(compare.Judgment(f"grad({name})", False, {}, {}, f"gradient shape {k.shape}, truth {t.shape}"))
             continue
         j = compare.judge_accuracy(k, o, t, dtype="float32", budget=acc)
