@@ -180,3 +180,18 @@ def test_float32_gradient_within_budget(tolerances, case):
     truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
     (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
     check_gradient(case, tolerances, kernel=kernel)
+
+
+@pytest.mark.parametrize("lead", [(1, 4096), (2, 2048)])
+def test_float32_weight_gradient_over_a_long_sequence(tolerances, lead):
+    """The weight's gradient sums ``ct * y`` over every row; the drawn cases have at most 6.
+    At ``x[1, 4096, D]``, a model's batch of one, XLA's CPU compiler made that sum 4-5x less
+    accurate than torch's (a reduce over the middle axis of ``[1, R, D]``) until the XLA path
+    flattened the rows (kernels/rms_norm.py ``_xla``)."""
+    x_params = {"seed": 3, "log10_scale": [0, 1], "outliers": 0, "outlier_mult": 20.0, "tiny_rows": False,
+                "special": "none"}
+    case = Case(op="rms_norm", dtype="float32", shapes={"x": (*lead, 256), "weight": (256,)},
+                kwargs={"eps": 1e-6, "recipe": "hf"},
+                data={"x": x_params, "weight_dtype": "float32", "weight_spread": 0.5})
+    check_gradient(case, tolerances, kernel=kernel)
+
