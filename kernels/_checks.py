@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,3 +69,15 @@ def require_pow2(name: str, value, *, op: str, minimum: int = 1, why: str = "") 
 def require_positive(name: str, value, *, op: str) -> None:
     if not (value > 0):
         raise ValueError(f"{op}: {name} must be > 0, got {value!r}")
+
+
+def require_gpu(implementation: str, *, op: str, module: str) -> None:
+    """Raise unless JAX's default backend is a GPU, for an explicit ``implementation=`` whose
+    Triton kernels compile nowhere else (Pallas's own error off a GPU, "Only interpret mode
+    is supported on CPU backend", names neither the op nor the way out). Only where the
+    caller asked for it: ``implementation=None`` traces the GPU branch of
+    ``lax.platform_dependent`` on every platform and must not raise."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"{op}: implementation={implementation!r} needs a CUDA GPU (JAX's default backend is "
+                         f"{jax.default_backend()!r}); use implementation='xla' or None, or {module}'s "
+                         f"interpret=True to run the kernel's code on the host")

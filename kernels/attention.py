@@ -79,7 +79,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _twofloat as tf
-from kernels._checks import dtype_name, require_choice, require_float, require_ndim, require_positive
+from kernels._checks import dtype_name, require_choice, require_float, require_gpu, require_ndim, require_positive
 from kernels._round import round_to
 from kernels.softmax import _softmax
 
@@ -510,6 +510,7 @@ def gqa_attention(
             return pallas_attention(q, k, v, **call_opts, flash=implementation == "pallas_flash")
 
         if implementation is not None:
+            require_gpu(implementation, op=_OP, module="kernels.attention_pallas.pallas_attention")
             return pallas(q, k, v)
         # None: the fastest path of the platform. On a CUDA GPU bf16/f16 take the Pallas
         # kernels, each within the GPU budgets of tolerances.yaml. On an H100 (device time,

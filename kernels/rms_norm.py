@@ -44,7 +44,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import require_choice, require_float, require_positive
+from kernels._checks import require_choice, require_float, require_gpu, require_positive
 from kernels._round import round_to
 from kernels._twofloat import sum_axis
 
@@ -118,6 +118,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, recipe: str 
             return pallas_rms_norm(x, weight, eps=eps, recipe=recipe, block_rows=block_rows)
 
         if implementation == "pallas":
+            require_gpu("pallas", op="rms_norm", module="kernels.rms_norm_pallas.pallas_rms_norm")
             return pallas(x, weight)
         if block_rows or chunk_for(x.shape[-1]) is not None:  # None: the fastest path of the platform
             return jax.lax.platform_dependent(x, weight, cuda=pallas,

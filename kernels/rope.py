@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels._checks import require_choice, require_float, require_ndim
+from kernels._checks import require_choice, require_float, require_gpu, require_ndim
 from kernels._round import round_to
 from kernels._twofloat import two_sum
 from kernels._powf import torch_cpu_powf
@@ -475,6 +475,7 @@ def _dispatch(xs, cos, sin, *, layout, implementation):
                                  f"its dtype, layout 'half', R/2 a power of two and H - R zero or one; got x "
                                  f"{xs[0].dtype}, tables {cos.dtype}, layout {layout!r}, H = {h}, R = {r}; use "
                                  f"implementation='xla' or None")
+            require_gpu("pallas", op="apply_rope", module="kernels.rope_pallas.pallas_apply_rope")
             return pallas_apply_rope(xs, cos, sin)
         if ok:  # None: the fastest path of the platform, chosen at trace time
             return jax.lax.platform_dependent(

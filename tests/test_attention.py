@@ -503,6 +503,23 @@ def test_mosaic_flash_budget_catches_a_missing_rescale(tolerances, monkeypatch):
     assert float(jnp.abs(_no_rescale(acc, alpha, pv) - am._flash_update(acc, alpha, pv)).max()) == 0.75
 
 
+@pytest.mark.parametrize("implementation, recipe", [("pallas", "hf"), ("pallas_flash", "fp32_logits")])
+def test_pallas_off_a_gpu_is_a_valueerror_naming_the_way_out(implementation, recipe):
+    """The Pallas kernels asked for by name: on a GPU they run; elsewhere our ValueError naming
+    the GPU, 'xla' and interpret=True (before, Pallas's own "Only interpret mode is supported
+    on CPU backend"). The default (None) takes the XLA path there."""
+    from kernels.attention import gqa_attention  # the real kernel: an API check, not a numerics one
+
+    q, k = jnp.zeros((1, 4, 8, 64), jnp.bfloat16), jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    assert gqa_attention(q, k, k, recipe=recipe).shape == (1, 4, 8, 64)
+    if jax.default_backend() == "gpu":
+        assert gqa_attention(q, k, k, recipe=recipe, implementation=implementation).shape == (1, 4, 8, 64)
+        return
+    with pytest.raises(ValueError, match=f"gqa_attention: implementation='{implementation}' needs a CUDA GPU "
+                                         r"\(JAX's default backend is 'cpu'\).*interpret=True"):
+        gqa_attention(q, k, k, recipe=recipe, implementation=implementation)
+
+
 def test_mosaic_flash_refuses_what_it_cannot_take():
     """implementation='mosaic_flash' never falls back silently: a call it cannot take is a
     ValueError naming every reason (here: the recipe, dtype, T, H, and off a Hopper GPU the GPU)."""

@@ -195,3 +195,20 @@ def test_float32_weight_gradient_over_a_long_sequence(tolerances, lead):
                 data={"x": x_params, "weight_dtype": "float32", "weight_spread": 0.5})
     check_gradient(case, tolerances, kernel=kernel)
 
+
+def test_pallas_off_a_gpu_is_a_valueerror_naming_the_way_out():
+    """implementation='pallas' asked for by name: on a GPU it runs; elsewhere our ValueError,
+    naming the GPU, 'xla' and interpret=True (before, Pallas's own "Only interpret mode is
+    supported on CPU backend"). The default (None) never raises: it takes the XLA path there."""
+    import jax
+
+    from kernels.rms_norm import rms_norm
+
+    x, w = jnp.ones((2, 896), jnp.bfloat16), jnp.ones((896,), jnp.bfloat16)
+    assert rms_norm(x, w).shape == (2, 896)
+    if jax.default_backend() == "gpu":
+        assert rms_norm(x, w, implementation="pallas").shape == (2, 896)
+        return
+    with pytest.raises(ValueError, match=r"rms_norm: implementation='pallas' needs a CUDA GPU \(JAX's default backend "
+                                         r"is 'cpu'\); use implementation='xla' or None, or .*interpret=True"):
+        rms_norm(x, w, implementation="pallas")

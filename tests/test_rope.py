@@ -356,3 +356,18 @@ def test_float32_gradient_within_budget(tolerances, case):
     truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
     (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
     check_gradient(case, tolerances, kernel=kernel)
+
+
+def test_pallas_off_a_gpu_is_a_valueerror_naming_the_way_out():
+    """implementation='pallas' asked for by name: on a GPU it runs (bit-identical to the XLA
+    path); elsewhere our ValueError naming the GPU, 'xla' and interpret=True."""
+    import jax
+
+    x, t = jnp.ones((1, 2, 3, 64), jnp.bfloat16), jnp.ones((1, 2, 64), jnp.bfloat16)
+    want = np.asarray(K.apply_rope(x, t, t, implementation="xla"))
+    np.testing.assert_array_equal(np.asarray(K.apply_rope(x, t, t)), want)  # None: never refused
+    if jax.default_backend() == "gpu":
+        np.testing.assert_array_equal(np.asarray(K.apply_rope(x, t, t, implementation="pallas")), want)
+        return
+    with pytest.raises(ValueError, match=r"apply_rope: implementation='pallas' needs a CUDA GPU .*interpret=True"):
+        K.apply_rope(x, t, t, implementation="pallas")
