@@ -10,6 +10,10 @@ behaviour matters.
 
 Beyond the three judgments, the properties are the seeds' measures: the largest logit
 difference relative to the logit scale, and the per-token KL divergence.
+
+Gradients (``Harness.gradient``, float32): every parameter's, in HF's names, from
+``jax.vjp`` through ``params_from_hf`` and the model, against autograd through
+``torch.func.functional_call`` of the same transformers model in float32 and in float64.
 """
 
 from __future__ import annotations
@@ -75,6 +79,14 @@ def _cases():
     return cases
 
 
+def _config_and_ids(case):
+    """The case's model config (``kernels.models.qwen2.Config``) and its token ids ``[1, T]``."""
+    from kernels.models import qwen2 as M
+
+    cfg = M.Config.from_hf(tiny_config(case.data["family"]))
+    return cfg, np.random.default_rng(case.data["seed"]).integers(0, cfg.vocab_size, case.shapes["input_ids"])
+
+
 def _evaluate(case, kernel):
     import jax.numpy as jnp
     import torch
@@ -85,8 +97,7 @@ def _evaluate(case, kernel):
     from oracles.registry import Outcome
 
     fam, seed = case.data["family"], case.data["weights_seed"]
-    cfg = M.Config.from_hf(tiny_config(fam))
-    ids = np.random.default_rng(case.data["seed"]).integers(0, cfg.vocab_size, case.shapes["input_ids"])
+    cfg, ids = _config_and_ids(case)
     model = hf_model_in(fam, seed, case.dtype)
     state = {k: torch_to_numpy(v) for k, v in model.state_dict().items()}
     params = M.params_from_hf(state, cfg, dtype=jnp.dtype(case.dtype))
@@ -117,13 +128,49 @@ def _properties(case, outcome, budget):
     ]
 
 
+def _grad_call(kernel, a, *, config):
+    """The kernel's logits from HF-named float32 arrays: ``params_from_hf`` only transposes and
+    casts (traceable), so the vjp's gradients come back in HF's names and layouts."""
+    import jax.numpy as jnp
+
+    from kernels.models.qwen2 import params_from_hf
+
+    state = {n: v for n, v in a.items() if n != "input_ids"}
+    return kernel(params_from_hf(state, config, dtype=jnp.float32), a["input_ids"], config=config)
+
+
+def _gradient(case, kernel):
+    """Every parameter's gradient (the loss: a seeded cotangent on the logits), against
+    autograd through transformers' model in float32 and in float64 (the truth). A tied head
+    is one parameter, the embedding table, that both of its uses add into."""
+    import torch
+
+    from kernels.models.qwen2 import expected_shapes
+    from oracles.arrays import torch_to_numpy
+    from oracles.gradients import GradProblem
+
+    fam, seed = case.data["family"], case.data["weights_seed"]
+    cfg, ids = _config_and_ids(case)
+    names = tuple(expected_shapes(cfg))  # HF's parameter names, a tied head's absent
+    state = hf_model_in(fam, seed, "float32").state_dict()
+
+    def oracle(t, exact):
+        model = hf_model_in(fam, seed, "float64" if exact else "float32")
+        # functional_call ties: the embedding table's leaf is the head's too (tie_weights=True)
+        return torch.func.functional_call(model, {n: t[n] for n in names},
+                                          (torch.from_numpy(t["input_ids"]),)).logits
+
+    return GradProblem(inputs={"input_ids": ids, **{n: torch_to_numpy(state[n]) for n in names}}, diff=names,
+                       call=_grad_call, kernel=kernel, oracle=oracle, static={"config": cfg})
+
+
 def _make_harness():
     from kernels.models.qwen2 import forward
     from oracles.registry import Harness, strata_product
 
     # A sweep's cells: each model family, so every ``parity check`` builds each one.
     return Harness(cases=_cases(), evaluate=_evaluate, kernel=forward, properties=_properties, examples_scale=0.25,
-                   strata=lambda o: strata_product(o, scalars={"family": sorted(FAMILY_CONFIGS)}))
+                   strata=lambda o: strata_product(o, scalars={"family": sorted(FAMILY_CONFIGS)}), gradient=_gradient)
 
 
 HARNESS = _make_harness()

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from kernels.models import qwen2 as M
 from oracles import diverge
 from oracles.arrays import torch_to_numpy
-from oracles.qwen2 import hf_model_in, tiny_config
-from oracles.registry import active_kernel, check_case, harness
+from oracles.qwen2 import FAMILY_CONFIGS, hf_model_in, tiny_config
+from oracles.registry import active_kernel, check_case, check_gradient, harness
 from tests.strategies import DTYPES
 
 H = harness("qwen2")
@@ -32,6 +32,18 @@ def test_logits_within_budget(tolerances, dtype, data):
     """Logits against transformers (parity, KL, max|diff|/max|logit|) and against its float64 run."""
     case = data.draw(H.cases(dtype=dtype), label="case")
     check_case(case, tolerances, kernel=forward)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@settings(max_examples=max(1, settings().max_examples // 12))
+@given(data=st.data())
+def test_float32_gradient_within_budget(tolerances, family, data):
+    """jax.vjp of the whole model in float32, every parameter (in HF's names: params_from_hf is
+    traceable), against autograd through transformers' model and its float64 truth: within
+    ``grad_ratio`` of torch's error (oracles.gradients). Each family, so that a tied head, whose
+    gradient is the embedding table's too, is always among them."""
+    case = data.draw(H.cases(dtype="float32", family=family), label="case")
+    check_gradient(case, tolerances, kernel=forward)
 
 
 def _params(family: str, dtype: str, seed: int = 0):

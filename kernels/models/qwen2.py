@@ -144,6 +144,11 @@ def params_from_hf(state_dict: dict, cfg: Config, dtype=jnp.bfloat16) -> dict:
     Missing or unexpected tensors are listed by name; a shape mismatch names the tensor
     and both shapes. A tied checkpoint needs no ``lm_head.weight`` (one that has it is
     accepted if it equals the embedding table's shape); an untied one without it fails.
+
+    Traceable: given JAX arrays it only transposes and casts them, so ``jax.grad`` of a loss
+    of ``params_from_hf(state, ...)`` with respect to ``state`` is the gradient in HF's
+    names and layouts (a tied head's share lands on the embedding table), the form torch
+    autograd gives ``model.named_parameters()``.
     """
     want = expected_shapes(cfg)
     have = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -163,9 +168,12 @@ def params_from_hf(state_dict: dict, cfg: Config, dtype=jnp.bfloat16) -> dict:
         raise ValueError("params_from_hf: " + "; ".join(problems))
 
     def a(name, transpose=False):
-        x = np.asarray(have[name])
+        x = have[name]
+        if not isinstance(x, jax.Array):  # a JAX array (a tracer under jax.grad) stays one: see the docstring
+            x = np.asarray(x)
+            x = x.astype(np.float32) if x.dtype.kind == "V" else x  # numpy's bf16 (ml_dtypes) through f32: exact
         x = x.T if transpose else x  # torch Linear stores [out, in]; the kernels take [in, out]
-        return jnp.asarray(x.astype(np.float32) if x.dtype.kind == "V" else x).astype(dtype)
+        return jnp.asarray(x).astype(dtype)
 
     layers = []
     for i in range(cfg.num_hidden_layers):

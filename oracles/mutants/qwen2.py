@@ -34,9 +34,20 @@ def residual_in_f32(params, input_ids, *, config, **kw):
     return forward(f32, input_ids, config=config, **kw).astype(params["embed"].dtype)
 
 
+def tied_head_detached(params, input_ids, *, config, **kw):
+    """A tied head ported as its own copy of the embedding table (HF's ``tie_weights`` not
+    carried over): the same logits, to the bit, but the head's share of the gradient never
+    reaches the table. Only the gradient test can see it."""
+    if not config.tie_word_embeddings:
+        return forward(params, input_ids, config=config, **kw)
+    untied = dataclasses.replace(config, tie_word_embeddings=False)
+    return forward({**params, "lm_head": jax.lax.stop_gradient(params["embed"])}, input_ids, config=untied, **kw)
+
+
 MUTANTS = {
     "positions_from_one": positions_from_one,
     "rope_theta_1e4": rope_theta_1e4,
     "qkv_bias_dropped": qkv_bias_dropped,
     "residual_in_f32": residual_in_f32,
+    "tied_head_detached": tied_head_detached,
 }
