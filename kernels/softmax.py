@@ -21,12 +21,18 @@ exact one, so it is never further from the truth than torch's. A bf16/f16 output
 The cost on the 2-core CPU (benchmarks/probe_row_sum.py): float32 softmax 1.4-2.4x the plain
 sum's time (XLA runs the pair reduce as a scalar loop).
 
+Derivative: float32 rows differentiate the steps above (the shift under stop_gradient);
+bf16/f16 rows take torch's softmax backward, ``p * (c - sum(p * c))``, and an exact 0 shift
+for the row max (``_probabilities``, ``_shifted``: why each).
+
 Masked entries are exactly 0. A row with no visible entry is all zeros (never NaN,
 never the uniform average that an additive ``finfo.min`` mask gives). NaN in a
 visible entry makes its row NaN; NaN in a masked entry has no effect.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,21 +90,74 @@ def _softmax(x: jax.Array, *, axis: int, where: jax.Array | None, compensated: b
     where = check_args(x, axis=axis, where=where)
     # Always in float32 (jax.nn's rule and HF's dtype=torch.float32): in bf16 the
     # row sum keeps 8 bits and the normalised tail collapses.
-    xf = x.astype(jnp.float32)
+    # The derivative: see _probabilities.
+    if compensated:
+        p = _steps(x.astype(jnp.float32), where, axis, compensated, False)  # f32, x's shape
+    else:
+        p = _probabilities(x.astype(jnp.float32), where, axis, compensated, True)  # f32, x's shape
+    return p.astype(x.dtype)  # the one rounding
+
+
+def _steps(xf: jax.Array, where: jax.Array | None, axis: int, compensated: bool, exact_top: bool) -> jax.Array:
+    """The float32 probabilities of float32 scores (steps 2-5 of the module docstring),
+    differentiable as written (the shift under stop_gradient). ``exact_top``: the shift by
+    :func:`_shifted`, whose select has no derivative at the row max (only where a custom
+    derivative replaces this function's: :data:`_probabilities`)."""
+    shift = _shifted if exact_top else jnp.subtract
     # The shift m cancels out of the result, so it gets no derivative (stop_gradient, as
     # jax.nn.softmax): differentiated, its terms cancel only to a row sum's rounding, all of
     # it landing on the row's largest entry (a 4096-long row's gradient at 17x torch's error).
     if where is None:
         m = jax.lax.stop_gradient(jnp.max(xf, axis=axis, keepdims=True))
-        e = jnp.exp(xf - m)
-        return (e * (1.0 / _row_sum(e, axis, compensated=compensated))).astype(x.dtype)
+        e = jnp.exp(shift(xf, m))
+        return e * (1.0 / _row_sum(e, axis, compensated=compensated))
 
     visible_row = jnp.any(where, axis=axis, keepdims=True)
     # Masked entries become -inf so that they can neither be the max nor carry a NaN in.
     m = jax.lax.stop_gradient(jnp.max(jnp.where(where, xf, -jnp.inf), axis=axis, keepdims=True))
     m = jnp.where(visible_row, m, 0.0)  # a fully masked row would give -inf - -inf = NaN
-    e = jnp.where(where, jnp.exp(jnp.where(where, xf, m) - m), 0.0)
+    e = jnp.where(where, jnp.exp(shift(jnp.where(where, xf, m), m)), 0.0)
     s = jnp.where(visible_row, _row_sum(e, axis, compensated=compensated), 1.0)
     # The final select keeps masked entries exactly 0 even when a visible +inf or NaN
     # makes the row sum NaN (0 * NaN would otherwise leak into them).
-    return jnp.where(where, e * (1.0 / s), 0.0).astype(x.dtype)
+    return jnp.where(where, e * (1.0 / s), 0.0)
+
+
+_probabilities = functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))(_steps)
+_probabilities.__doc__ = """:func:`_steps` with the derivative in terms of the probabilities, torch's
+softmax backward in reverse mode (``_probabilities_jvp``): the bf16/f16 rows (a plain row sum).
+
+Why: differentiated as written, the gradient goes through the unnormalised ``e`` and
+``1 / s``, which cancel only to rounding: a saturated row (one probability 1, the rest 0),
+whose true gradient is ~1e-18, came out at 0.0024 in bf16 attention where torch's is exactly
+0 (`parity gradients`, session 19; :func:`_shifted` makes its top entry exact as well).
+Why not float32 (:func:`_steps` differentiated, as before): there the backward's own row sum
+``sum(p * c)`` shows, and JAX's transpose makes it XLA's plain float32 sum, less accurate
+than torch's: 7.2x torch's error over 60 float32 cases against 2.6x for the steps as written.
+"""
+
+
+def _shifted(xf: jax.Array, m: jax.Array) -> jax.Array:
+    """``xf - m``, exactly 0 where ``xf`` is the row max. When ``xf`` is a product fused into
+    this subtraction (attention's ``scores * scale``), XLA's CPU backend contracts the two
+    into one FMA of the unrounded product, and the row max's entry came out as its rounding
+    error (exp of it: e != 1, the top probability 0.99999994 where torch's is exactly 1,
+    and a saturated row's gradient 0.0024 where the truth is ~1e-18). The compare reads the
+    rounded value, as the max did; an infinite max keeps ``inf - inf = NaN`` (torch's NaN row)."""
+    return jnp.where((xf == m) & jnp.isfinite(m), 0.0, xf - m)
+
+
+@_probabilities.defjvp
+def _probabilities_jvp(axis, compensated, exact_top, primals, tangents):
+    xf, where = primals
+    dx = tangents[0]
+    p = _probabilities(xf, where, axis, compensated, exact_top)
+    if where is not None:
+        dx = jnp.where(where, dx, 0.0)  # a masked entry's tangent (inf, NaN) must not reach 0 * it
+    # No derivative of the shift m: it cancels out of p (jax.nn.softmax's stop_gradient).
+    # Written so that its transpose (reverse mode) is torch's softmax backward, one rounded
+    # product after the subtraction: ct_x = p * (c - sum(p * c)). The same map written as
+    # p * (dx - sum(p * dx)) transposes to p * c - p * sum(p * c), two rounded products that
+    # cancel: 5.6x torch's error on a float32 row of scores up to 1e4 (parity gradients).
+    w = p * dx
+    return p, w - p * jnp.sum(w, axis=axis, keepdims=True)

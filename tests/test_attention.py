@@ -543,6 +543,32 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@settings(max_examples=max(2, settings().max_examples // 3))
+@given(data=st.data())
+def test_low_precision_gradient_within_budget(tolerances, dtype, data):
+    """The float32 test's contract in the model dtypes that mixed-precision training
+    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
+    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
+    case = data.draw(H.cases(dtype=dtype), label="case")
+    check_gradient(case, tolerances, kernel=kernel)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_saturated_rows_gradient_in_the_model_dtypes(tolerances, dtype):
+    """Scores of 1e4-1e5 saturate every row (one probability 1): the true gradient of q and k
+    is ~1e-18 and torch's autograd gives 0. Under jit, XLA's CPU backend fused the scale
+    product into exp(s - m) as an FMA, so the top entry's e was exp(its rounding error), and
+    the softmax differentiated through e and 1 / s gave 0.0024 (1.8e17 x torch's error; parity
+    gradients, session 19). Fixed in kernels/softmax.py (_shifted, _probabilities)."""
+    case = Case.from_json(
+        '{"data": {"log10_score": [2, 4], "mask": "causal", "outliers": 1, "seed": 68, "segment_pair": true}, '
+        f'"dtype": "{dtype}", "kwargs": {{"causal": true, "q_chunk": null, "recipe": "fp32_logits", "scale": null, '
+        '"sliding_window": null, "softcap": null}, "op": "attention", '
+        '"shapes": {"k": [2, 7, 4, 128], "q": [2, 1, 28, 128], "v": [2, 7, 4, 128]}}')
+    check_gradient(case, tolerances, kernel=kernel)
+
+
 def test_mosaic_flash_gradient_is_the_xla_paths():
     """On a Hopper GPU: jax.vjp through implementation="mosaic_flash" (a decode step, a padding
     mask) is the fp32_logits XLA path's, to the bit (kernels._grad). Elsewhere it is refused,
