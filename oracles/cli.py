@@ -321,7 +321,11 @@ def cmd_mutants(args) -> int:
 
 
 def cmd_gradients(args) -> int:
-    """The worst float32 gradient accuracy ratio of each op on this backend (oracles.gradients)."""
+    """The worst gradient accuracy ratio of each op in each dtype on this backend (oracles.gradients)."""
+    import datetime as _dt
+
+    from ruamel.yaml.comments import CommentedMap
+
     from oracles import gradients
     from oracles.jaxsetup import configure_jax
     from oracles.registry import OP_NAMES, backend, harness
@@ -332,30 +336,43 @@ def cmd_gradients(args) -> int:
     configure_jax()
     tol = _load_tolerances(args.tolerances)
     ops = args.ops or [op for op in OP_NAMES if harness(op).gradient is not None]
-    results = {}
+    results = {}  # op -> dtype -> result
     for op in ops:
-        t0 = time.time()
-        worst = gradients.sweep(op, examples=args.examples, seed=args.seed, tolerances=tol)
-        budget = tol.lookup(op, "float32", backend()).properties.get("grad_ratio")
-        measured = max((w["ratio"] for w in worst.values()), default=0.0)
-        proposed = tighten.propose("accuracy.ratio", measured, args.margin)  # the accuracy ratio's rule
-        results[op] = {"budget": budget, "measured": measured, "proposed": proposed, "inputs": worst,
-                       "seconds": round(time.time() - t0, 1)}
-        for name, w in worst.items():
-            print(f"{op:<11} grad({name}): worst ratio {w['ratio']:.4g} [budget {budget}]  case {w['case']}")
-        print(f"{op:<11} grad_ratio: measured {measured:.4g} -> proposed {proposed:g} (budget {budget})")
+        for dtype in args.dtypes:
+            t0 = time.time()
+            worst = gradients.sweep(op, examples=args.examples, seed=args.seed, tolerances=tol, dtype=dtype)
+            budget = tol.lookup(op, dtype, backend()).properties.get("grad_ratio")
+            measured = max((w["ratio"] for w in worst.values()), default=0.0)
+            proposed = tighten.propose("accuracy.ratio", measured, args.margin)  # the accuracy ratio's rule
+            cases = len({w["case"] for w in worst.values()})
+            results.setdefault(op, {})[dtype] = {
+                "budget": budget, "measured": measured, "proposed": proposed, "inputs": worst,
+                "worst_input": max(worst, key=lambda n: worst[n]["ratio"], default=None),
+                "seconds": round(time.time() - t0, 1), "distinct_worst_cases": cases}
+            for name, w in worst.items():
+                print(f"{op:<11} {dtype:<9} grad({name}): worst ratio {w['ratio']:.4g} [budget {budget}]  case {w['case']}")
+            print(f"{op:<11} {dtype:<9} grad_ratio: measured {measured:.4g} -> proposed {proposed:g} (budget {budget})")
     meta = {"backend": backend(), "examples": args.examples, "seed": args.seed, "versions": versions()}
     if args.out:
         Path(args.out).write_text(json.dumps({**meta, "ops": results}, indent=1) + "\n")
     if args.write:  # grad_ratio := proposed where there is none, or where it is within the budget
         with tighten.locked(tol.path):
             data = yaml_rt().load(tol.path.read_text())
-            for op, r in results.items():
-                props = data[op]["float32"][backend()].setdefault("properties", {})
-                if r["budget"] is None or r["proposed"] <= r["budget"] or args.allow_loosen:
-                    props["grad_ratio"] = r["proposed"]
+            for op, by_dtype in results.items():
+                for dtype, r in by_dtype.items():
+                    entry = data[op][dtype][backend()]
+                    if not (r["budget"] is None or r["proposed"] <= r["budget"] or args.allow_loosen):
+                        continue
+                    entry.setdefault("properties", CommentedMap())["grad_ratio"] = r["proposed"]
+                    # Where the number came from, beside the forward sample's provenance (which
+                    # `parity tighten` rewrites, keeping this key).
+                    entry["provenance"]["gradient"] = CommentedMap(
+                        measured=float(f"{r['measured']:.4g}"), input=r["worst_input"], examples=args.examples,
+                        seed=args.seed, margin=args.margin, date=_dt.date.today().isoformat(), backend=backend(),
+                        command="parity gradients", versions=CommentedMap(meta["versions"]))
             tighten.write_atomic(tol.path, tighten.dump(data))
-    over = [op for op, r in results.items() if r["budget"] is not None and not r["measured"] <= r["budget"]]
+    over = [f"{op}/{dt}" for op, by_dtype in results.items() for dt, r in by_dtype.items()
+            if r["budget"] is not None and not r["measured"] <= r["budget"]]
     return EXIT_BREACH if over else 0
 
 
@@ -441,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--tolerances", default=None)
     dv.set_defaults(fn=cmd_diverge)
 
-    g = sub.add_parser("gradients", help="measure each op's float32 gradient against torch autograd's")
+    g = sub.add_parser("gradients", help="measure each op's gradient against torch autograd's")
     g.add_argument("--ops", nargs="*")
+    g.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"],
+                   choices=["float32", "bfloat16", "float16"], help="(default: all three)")
     g.add_argument("--examples", type=int, default=60, help="cases per op (default 60)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=None, help="write the results as JSON here")

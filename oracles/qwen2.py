@@ -11,9 +11,9 @@ behaviour matters.
 Beyond the three judgments, the properties are the seeds' measures: the largest logit
 difference relative to the logit scale, and the per-token KL divergence.
 
-Gradients (``Harness.gradient``, float32): every parameter's, in HF's names, from
+Gradients (``Harness.gradient``): every parameter's, in HF's names, from
 ``jax.vjp`` through ``params_from_hf`` and the model, against autograd through
-``torch.func.functional_call`` of the same transformers model in float32 and in float64.
+``torch.func.functional_call`` of the same transformers model in the case's dtype and in float64.
 """
 
 from __future__ import annotations
@@ -129,19 +129,17 @@ def _properties(case, outcome, budget):
 
 
 def _grad_call(kernel, a, *, config):
-    """The kernel's logits from HF-named float32 arrays: ``params_from_hf`` only transposes and
-    casts (traceable), so the vjp's gradients come back in HF's names and layouts."""
-    import jax.numpy as jnp
-
+    """The kernel's logits from HF-named arrays: ``params_from_hf`` only transposes and casts
+    (traceable; to their own dtype), so the vjp's gradients come back in HF's names and layouts."""
     from kernels.models.qwen2 import params_from_hf
 
     state = {n: v for n, v in a.items() if n != "input_ids"}
-    return kernel(params_from_hf(state, config, dtype=jnp.float32), a["input_ids"], config=config)
+    return kernel(params_from_hf(state, config, dtype=state["model.norm.weight"].dtype), a["input_ids"], config=config)
 
 
 def _gradient(case, kernel):
     """Every parameter's gradient (the loss: a seeded cotangent on the logits), against
-    autograd through transformers' model in float32 and in float64 (the truth). A tied head
+    autograd through transformers' model in the case's dtype and in float64 (the truth). A tied head
     is one parameter, the embedding table, that both of its uses add into."""
     import torch
 
@@ -152,10 +150,10 @@ def _gradient(case, kernel):
     fam, seed = case.data["family"], case.data["weights_seed"]
     cfg, ids = _config_and_ids(case)
     names = tuple(expected_shapes(cfg))  # HF's parameter names, a tied head's absent
-    state = hf_model_in(fam, seed, "float32").state_dict()
+    state = hf_model_in(fam, seed, case.dtype).state_dict()
 
     def oracle(t, exact):
-        model = hf_model_in(fam, seed, "float64" if exact else "float32")
+        model = hf_model_in(fam, seed, "float64" if exact else case.dtype)
         # functional_call ties: the embedding table's leaf is the head's too (tie_weights=True)
         return torch.func.functional_call(model, {n: t[n] for n in names},
                                           (torch.from_numpy(t["input_ids"]),)).logits

@@ -99,8 +99,8 @@ class Harness:
                 Why: hypothesis generates to find bugs, not to sample; over 60 examples it
                 drew 14 of the mosaic projection's 32 (recipe, shape) cells, 19 examples in one
                 cell, and never the one whose float32 logits set the budget.
-    gradient:   ``(case, kernel_fn) -> oracles.gradients.GradProblem`` for a float32 case: the
-                kernel's vjp against torch autograd's and the float64 truth's (:func:`check_gradient`).
+    gradient:   ``(case, kernel_fn) -> oracles.gradients.GradProblem`` for a case of any dtype:
+                the kernel's vjp against torch autograd's and the float64 truth's (:func:`check_gradient`).
     """
 
     cases: Callable
@@ -253,7 +253,7 @@ def run_case(case: Case, tolerances, *, kernel: Callable | None = None, be: str 
 
 
 def check_gradient(case: Case, tolerances, *, kernel: Callable | None = None) -> list[compare.Judgment]:
-    """The float32 gradient of one case (``oracles.gradients``), judged against
+    """The gradient of one case (``oracles.gradients``), judged against
     ``properties.grad_ratio``; raises ``NumericsError`` with the reproducer on a failure."""
     from oracles import gradients
 

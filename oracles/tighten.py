@@ -217,6 +217,8 @@ def apply_rows(tol: Tolerances, rows, *, backend: str, margin: float, allow_loos
             date=_dt.date.today().isoformat(), profile=profile, backend=backend, versions=CommentedMap(versions_now))
         if prev.get("note"):  # a person's why (a budget set by hand, a past loosening) outlives the numbers
             entry["provenance"]["note"] = prev["note"]
+        if prev.get("gradient"):  # grad_ratio's own sample (`parity gradients --write`), not this sweep's
+            entry["provenance"]["gradient"] = prev["gradient"]
     return changes
 
 

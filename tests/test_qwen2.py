@@ -35,14 +35,15 @@ def test_logits_within_budget(tolerances, dtype, data):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=max(1, settings().max_examples // 12))
 @given(data=st.data())
-def test_float32_gradient_within_budget(tolerances, family, data):
-    """jax.vjp of the whole model in float32, every parameter (in HF's names: params_from_hf is
+def test_gradient_within_budget(tolerances, family, dtype, data):
+    """jax.vjp of the whole model, every parameter (in HF's names: params_from_hf is
     traceable), against autograd through transformers' model and its float64 truth: within
     ``grad_ratio`` of torch's error (oracles.gradients). Each family, so that a tied head, whose
     gradient is the embedding table's too, is always among them."""
-    case = data.draw(H.cases(dtype="float32", family=family), label="case")
+    case = data.draw(H.cases(dtype=dtype, family=family), label="case")
     check_gradient(case, tolerances, kernel=forward)
 
 

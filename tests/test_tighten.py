@@ -261,3 +261,39 @@ def test_a_sample_over_other_cells_is_other_draws(tmp_path):
     tighten.apply_rows(tol, [r], backend="cpu", margin=1.25, allow_loosen=False, seed=0, versions_now=V)
     prov = tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]
     assert prov["examples"] == 20 and prov["cells"] == 24
+
+
+def test_a_gradient_provenance_survives(tmp_path):
+    """`parity gradients --write` records grad_ratio's own sample as provenance.gradient; a
+    forward tighten, which rewrites the provenance, keeps it (as it keeps a note)."""
+    grad = "gradient: {measured: 0.5, input: x, examples: 60, seed: 0, date: '2000-01-01'},"
+    tol = _tol(tmp_path, RECORDED.replace("backend: cpu,", f"backend: cpu, {grad}"))
+    tighten.apply_rows(tol, [_row("hf", 1.0, 0.001, 0.5, examples=20)], backend="cpu", margin=1.25,
+                       allow_loosen=False, seed=1, fresh=True, versions_now=V)
+    assert tol.data["rms_norm"]["bfloat16"]["cpu"]["provenance"]["gradient"]["measured"] == 0.5
+
+
+def test_gradients_write_sets_grad_ratio_with_its_provenance_and_never_loosens(tmp_path, monkeypatch):
+    from oracles import cli, registry
+
+    monkeypatch.setattr(registry, "backend", lambda: "cpu")  # the same entries on a GPU machine
+    data = budgets.yaml_rt().load(budgets.default_path().read_text())
+    from ruamel.yaml.comments import CommentedMap
+
+    (data["rms_norm"]["bfloat16"]["cpu"].get("properties") or {}).pop("grad_ratio", None)
+    data["rms_norm"]["bfloat16"]["cpu"]["provenance"].pop("gradient", None)
+    data["rms_norm"]["float16"]["cpu"].setdefault("properties", CommentedMap())["grad_ratio"] = 1e-9  # below any
+    data["rms_norm"]["float16"]["cpu"]["provenance"].pop("gradient", None)
+    path = tmp_path / "tolerances.yaml"
+    path.write_text(tighten.dump(data))
+    rc = cli.main(["gradients", "--ops", "rms_norm", "--dtypes", "bfloat16", "float16", "--examples", "2",
+                   "--write", "--tolerances", str(path), "--out", str(tmp_path / "g.json")])
+    assert rc == cli.EXIT_BREACH  # float16 measured above its budget
+    e = budgets.load(path).data["rms_norm"]
+    written = e["bfloat16"]["cpu"]
+    assert written["properties"]["grad_ratio"] > 0
+    prov = written["provenance"]["gradient"]
+    assert prov["examples"] == 2 and prov["backend"] == "cpu" and prov["command"] == "parity gradients"
+    assert prov["input"] in ("x", "weight") and prov["measured"] * 1.25 <= written["properties"]["grad_ratio"]
+    assert e["float16"]["cpu"]["properties"]["grad_ratio"] == 1e-9  # not loosened
+    assert "gradient" not in e["float16"]["cpu"]["provenance"]
