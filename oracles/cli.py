@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("repro", help="rerun one case from a failure's reproducer line")
     r.add_argument("case", help="the case JSON printed after 'parity repro'")
-    r.add_argument("--gradient", action="store_true", help="rerun the case's float32 gradient check")
+    r.add_argument("--gradient", action="store_true", help="rerun the case's gradient check")
     r.add_argument("--tolerances", default=None)
     r.set_defaults(fn=cmd_repro)
     return p
