@@ -350,7 +350,8 @@ def cmd_gradients(args) -> int:
                 "worst_input": max(worst, key=lambda n: worst[n]["ratio"], default=None),
                 "seconds": round(time.time() - t0, 1), "distinct_worst_cases": cases}
             for name, w in worst.items():
-                print(f"{op:<11} {dtype:<9} grad({name}): worst ratio {w['ratio']:.4g} [budget {budget}]  case {w['case']}")
+                print(f"{op:<11} {dtype:<9} grad({name}): worst ratio {w['ratio']:.4g} [budget {budget}]  "
+                      f"case {w['case']}")
             print(f"{op:<11} {dtype:<9} grad_ratio: measured {measured:.4g} -> proposed {proposed:g} (budget {budget})")
     meta = {"backend": backend(), "examples": args.examples, "seed": args.seed, "versions": versions()}
     if args.out:
