@@ -22,6 +22,7 @@ from oracles.attention import RECIPES, _inputs, _torch_masks, pallas_flash, visi
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
 from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted, not_hopper
+from tests.gradients import low_precision_gradient_test
 from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
 
 H = harness("attention")
@@ -543,15 +544,7 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@settings(max_examples=max(2, settings().max_examples // 3))
-@given(data=st.data())
-def test_low_precision_gradient_within_budget(tolerances, dtype, data):
-    """The float32 test's contract in the model dtypes that mixed-precision training
-    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
-    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
-    case = data.draw(H.cases(dtype=dtype), label="case")
-    check_gradient(case, tolerances, kernel=kernel)
+test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

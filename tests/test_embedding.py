@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.embedding import embed as real_embed
@@ -15,6 +15,7 @@ from oracles.arrays import TORCH_DTYPES, to_torch
 from oracles.embedding import _inputs
 from oracles.embedding import embed as oracle
 from oracles.registry import active_kernel, check_case, check_gradient, harness
+from tests.gradients import low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("embedding")
@@ -97,12 +98,4 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@settings(max_examples=max(2, settings().max_examples // 3))
-@given(data=st.data())
-def test_low_precision_gradient_within_budget(tolerances, dtype, data):
-    """The float32 test's contract in the model dtypes that mixed-precision training
-    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
-    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
-    case = data.draw(H.cases(dtype=dtype), label="case")
-    check_gradient(case, tolerances, kernel=kernel)
+test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.linear_mosaic import mosaic_linear
@@ -19,6 +19,7 @@ from oracles.projection import RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
 from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
+from tests.gradients import low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("projection")
@@ -378,15 +379,7 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@settings(max_examples=max(2, settings().max_examples // 3))
-@given(data=st.data())
-def test_low_precision_gradient_within_budget(tolerances, dtype, data):
-    """The float32 test's contract in the model dtypes that mixed-precision training
-    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
-    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
-    case = data.draw(H.cases(dtype=dtype), label="case")
-    check_gradient(case, tolerances, kernel=kernel)
+test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from oracles.arrays import to_torch
@@ -14,6 +14,7 @@ from oracles.compare import judge_parity, require
 from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
 from oracles.rms_norm import RECIPES
 from oracles.rms_norm import rms_norm as oracle
+from tests.gradients import low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("rms_norm")
@@ -182,15 +183,7 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@settings(max_examples=max(2, settings().max_examples // 3))
-@given(data=st.data())
-def test_low_precision_gradient_within_budget(tolerances, dtype, data):
-    """The float32 test's contract in the model dtypes that mixed-precision training
-    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
-    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
-    case = data.draw(H.cases(dtype=dtype), label="case")
-    check_gradient(case, tolerances, kernel=kernel)
+test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 
 @pytest.mark.parametrize("lead", [(1, 4096), (2, 2048)])

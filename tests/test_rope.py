@@ -18,6 +18,7 @@ from oracles import rope as O
 from oracles.arrays import to_torch, torch_to_numpy
 from oracles.compare import ulp_distance
 from oracles.registry import active_kernel, check_case, check_gradient, harness, jitted
+from tests.gradients import low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("rope")
@@ -358,15 +359,7 @@ def test_float32_gradient_within_budget(tolerances, case):
     check_gradient(case, tolerances, kernel=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@settings(max_examples=max(2, settings().max_examples // 3))
-@given(data=st.data())
-def test_low_precision_gradient_within_budget(tolerances, dtype, data):
-    """The float32 test's contract in the model dtypes that mixed-precision training
-    differentiates: torch's backward rounds after every op, JAX's reverse mode keeps the
-    recipe's float32 steps; within ``grad_ratio`` of torch's error all the same."""
-    case = data.draw(H.cases(dtype=dtype), label="case")
-    check_gradient(case, tolerances, kernel=kernel)
+test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 
 def test_pallas_off_a_gpu_is_a_valueerror_naming_the_way_out():
