@@ -1,4 +1,4 @@
-"""The low-precision gradient test every op file runs (one definition, collected per file)."""
+"""The gradient tests every op file runs (one definition each, collected per file)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oracles.registry import Harness, check_gradient
+
+
+def float32_gradient_test(h: Harness, kernel: Callable) -> Callable:
+    """``test_float32_gradient_within_budget`` for the op of ``h``: assign it to that name in
+    the op's test file (pytest collects it there)."""
+
+    @given(case=h.cases(dtype="float32"))
+    def test_float32_gradient_within_budget(tolerances, case):
+        """jax.vjp of the kernel in float32, for every differentiable input, against the float64
+        truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
+        (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
+        check_gradient(case, tolerances, kernel=kernel)
+
+    return test_float32_gradient_within_budget
 
 
 def low_precision_gradient_test(h: Harness, kernel: Callable) -> Callable:

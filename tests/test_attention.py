@@ -22,7 +22,7 @@ from oracles.attention import RECIPES, _inputs, _torch_masks, pallas_flash, visi
 from oracles.attention import gqa_attention as oracle
 from oracles.compare import judge_parity, require
 from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted, not_hopper
-from tests.gradients import low_precision_gradient_test
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES, HEAD_LAYOUTS, NP_DTYPES, round_to
 
 H = harness("attention")
@@ -536,14 +536,7 @@ def test_mosaic_flash_refuses_what_it_cannot_take():
         gqa_attention(q, k, k, implementation="mosaic_flash", recipe="fp32_logits")
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 

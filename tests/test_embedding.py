@@ -14,8 +14,8 @@ from kernels.embedding import embed as real_embed
 from oracles.arrays import TORCH_DTYPES, to_torch
 from oracles.embedding import _inputs
 from oracles.embedding import embed as oracle
-from oracles.registry import active_kernel, check_case, check_gradient, harness
-from tests.gradients import low_precision_gradient_test
+from oracles.registry import active_kernel, check_case, harness
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("embedding")
@@ -90,12 +90,5 @@ def test_rows_keep_the_table_dtype(dtype):
     assert TORCH_DTYPES[dtype] == oracle(torch.tensor([3]), to_torch(np.asarray(_table(dtype)))).dtype
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)

@@ -18,8 +18,8 @@ from oracles.arrays import TORCH_DTYPES, to_torch
 from oracles.projection import RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
-from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
-from tests.gradients import low_precision_gradient_test
+from oracles.registry import Case, active_kernel, backend, check_case, harness, jitted
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("projection")
@@ -371,14 +371,7 @@ def test_mosaic_is_not_run_on_a_gpu_that_is_not_hopper(tolerances, monkeypatch):
     assert MOSAIC.why_not("gpu", "bfloat16") == ""
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 

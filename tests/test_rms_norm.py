@@ -14,7 +14,7 @@ from oracles.compare import judge_parity, require
 from oracles.registry import Case, active_kernel, backend, check_case, check_gradient, harness, jitted
 from oracles.rms_norm import RECIPES
 from oracles.rms_norm import rms_norm as oracle
-from tests.gradients import low_precision_gradient_test
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("rms_norm")
@@ -175,14 +175,7 @@ def test_pallas_kernel_refuses_what_it_cannot_hold():
                                   np.asarray(rms_norm(x, w, implementation="xla")))
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 

@@ -17,8 +17,8 @@ from kernels import rope as K
 from oracles import rope as O
 from oracles.arrays import to_torch, torch_to_numpy
 from oracles.compare import ulp_distance
-from oracles.registry import active_kernel, check_case, check_gradient, harness, jitted
-from tests.gradients import low_precision_gradient_test
+from oracles.registry import active_kernel, check_case, harness, jitted
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("rope")
@@ -351,14 +351,7 @@ def test_bad_input_raises_value_error():
     assert math.isfinite(K.rope_frequencies(64, theta=1e4)[1])
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oracles.arrays import to_torch
-from oracles.registry import Case, active_kernel, check_case, check_gradient, harness, jitted
+from oracles.registry import Case, active_kernel, check_case, harness, jitted
 from oracles.softmax import _inputs
 from oracles.softmax import softmax as oracle
-from tests.gradients import low_precision_gradient_test
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("softmax")
@@ -136,12 +136,5 @@ def test_the_compensated_sum_runs_only_where_its_rounding_shows():
     assert _pair_reduces(att, q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32)) == 1
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)

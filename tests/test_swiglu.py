@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from kernels.swiglu import swiglu_fused
 from oracles.arrays import to_torch
-from oracles.registry import active_kernel, check_case, check_gradient, harness, jitted
+from oracles.registry import active_kernel, check_case, harness, jitted
 from oracles.swiglu import RECIPES, _inputs
 from oracles.swiglu import swiglu as oracle
-from tests.gradients import low_precision_gradient_test
+from tests.gradients import float32_gradient_test, low_precision_gradient_test
 from tests.strategies import DTYPES
 
 H = harness("swiglu")
@@ -139,14 +139,7 @@ def test_bad_dtypes_and_options_raise_value_error():
         swiglu_fused(x, jnp.zeros((8, 15), jnp.bfloat16), wd)
 
 
-@given(case=H.cases(dtype="float32"))
-def test_float32_gradient_within_budget(tolerances, case):
-    """jax.vjp of the kernel in float32, for every differentiable input, against the float64
-    truth: within ``grad_ratio`` of the error torch autograd makes through the oracle
-    (oracles.gradients). Fails if the kernel cannot be differentiated at all."""
-    check_gradient(case, tolerances, kernel=kernel)
-
-
+test_float32_gradient_within_budget = float32_gradient_test(H, kernel)
 test_low_precision_gradient_within_budget = low_precision_gradient_test(H, kernel)
 
 
