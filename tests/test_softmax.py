@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,35 @@ def test_the_compensated_sum_runs_only_where_its_rounding_shows():
     att = functools.partial(gqa_attention, recipe="fp32_logits", implementation="xla")
     assert _pair_reduces(att, q, kv, kv) == 0
     assert _pair_reduces(att, q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32)) == 1
+
+
+def _gpu_kernels(compiled_text: str) -> int:
+    """Kernels a compiled GPU program launches: the fusions and custom calls of its entry
+    computation (and of any command buffer, which holds an entry's kernels for a CUDA graph)."""
+    n, top = 0, False
+    for line in compiled_text.splitlines():
+        if line and not line[0].isspace():  # a computation's header, or its closing brace
+            top = line.startswith("ENTRY") or "command_buffer" in line.split("(")[0]
+        elif top and re.search(r"\b(fusion|custom-call)\(", line):
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_model_dtype_softmax_is_one_gpu_kernel(dtype):
+    """XLA's GPU backend runs a bf16/f16 softmax as one kernel (x read once and written once:
+    0.98-1.0 of copy bandwidth, benchmarks/README.md) only while every op in it is one its softmax
+    fusion takes. Session 19's exact shift tested isfinite on the row maxima, and the op ran
+    as three kernels, a second pass over x for the max among them: 924 us against 623 on a
+    7B x[1, 28, 4096, 4096] on an H100 (benchmarks/probe_softmax_fusion.py; mutant
+    ``isfinite_shift``). On a GPU: the compiled program is one kernel. Elsewhere, with no GPU
+    compiler to ask: the lowered program holds no is_finite, the op that split it."""
+    x = jnp.zeros((4, 1024), dtype)
+    lowered = jax.jit(lambda x: kernel(x)).lower(x)
+    if jax.default_backend() == "gpu":
+        assert _gpu_kernels(lowered.compile().as_text()) == 1
+        return
+    assert "is_finite" not in lowered.as_text()
 
 
 test_float32_gradient_within_budget = float32_gradient_test(H, kernel)

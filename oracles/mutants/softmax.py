@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels.softmax import check_args
+from kernels.softmax import check_args, softmax
 
 
 def _masked(x, where, axis, e_fn):
@@ -54,4 +54,23 @@ def plain_f32_sum(x, *, axis=-1, where=None):
     return _masked(x, where, axis, f)
 
 
-MUTANTS = {"input_dtype": input_dtype, "no_max_subtraction": no_max_subtraction, "plain_f32_sum": plain_f32_sum}
+def isfinite_shift(x, *, axis=-1, where=None):
+    """Session 19's exact shift, ``where((x == m) & isfinite(m), 0, x - m)``, on bf16/f16 rows:
+    the kernel's values, but isfinite on the row maxima split XLA's GPU softmax into three
+    kernels, a second pass over x for the max among them (924 us against 623,
+    benchmarks/probe_softmax_fusion.py). float32 rows, which never took this shift, are the
+    kernel's. Only a structural test can see it: no value differs."""
+    if x.dtype == jnp.float32:
+        return softmax(x, axis=axis, where=where)
+
+    def f(v):
+        v = v.astype(jnp.float32)  # the kernel's upcast
+        m = jnp.max(v, axis=axis, keepdims=True)
+        e = jnp.exp(jnp.where((v == m) & jnp.isfinite(m), 0.0, v - m))
+        return (e * (1.0 / jnp.sum(e, axis=axis, keepdims=True))).astype(x.dtype)
+
+    return _masked(x, where, axis, f)
+
+
+MUTANTS = {"input_dtype": input_dtype, "no_max_subtraction": no_max_subtraction, "plain_f32_sum": plain_f32_sum,
+           "isfinite_shift": isfinite_shift}
