@@ -26,8 +26,9 @@ elements off by up to 17 bf16 ulps with the split), so the plain matmul is what
 reproduces HF's bits, and their float32 sums are far more precise than the bf16/f16
 rounding that follows. The exception is float16 with at most 8 rows, whose order
 torch's CPU kernels were probed for (FPRev) and which the CPU path reproduces: one row
-in 64 lanes (``_f16_row``), 2-8 rows in sequential blocks of 512 or 1024 terms
-(``_f16_rows``); bit-exact with torch from K = 64 to 18944, where XLA's own order
+in 64 lanes (``_f16_row``), 2-8 rows in sequential blocks of 512 or 1024 terms on an
+AVX-512 host and in the one-row lanes on an AVX2 host (``_f16_rows``, ``host_has_avx512``:
+torch's order depends on the host); bit-exact with torch from K = 64 to 18944, where XLA's own order
 differed on up to 0.7% of outputs and left float16 SwiGLU up to 3 ulps (36% of one
 fuzzed case's outputs) off. The chunk count depends only on static shapes, so a
 compiled function has one fixed summation order.
@@ -79,9 +80,10 @@ def _chunk_count(k: int) -> int:
     return 1
 
 
-# torch's CPU matmul of one float16 row (probed with FPRev on this AVX-512 machine, K from
-# 64 to 18944): 64 float32 lanes, lane l summing the products l, l + 64, l + 128, ... in
-# order, then the lanes added pairwise (l + l + 32, then + 16, ... 1).
+# torch's CPU matmul of one float16 row (probed with FPRev on an AVX-512 host, K from 64
+# to 18944; the same on an AVX2 host, session 20): 64 float32 lanes, lane l summing the
+# products l, l + 64, l + 128, ... in order, then the lanes added pairwise (l + l + 32,
+# then + 16, ... 1).
 F16_LANES = 64
 
 
@@ -91,22 +93,12 @@ def _f16_row(x, w, *, w_contract):
     Products of two float16 are exact in float32, so an FMA contraction of
     ``acc + x * w`` cannot change a sum; the loop fixes the order of the adds.
     """
+    if w_contract == 0:
+        return _f16_lane_rows(x, w)  # [..., N]: the same lanes, a row of one
     k = x.shape[-1]
     j = k // F16_LANES
     lead = x.shape[:-1]
     xs = x.reshape(j, F16_LANES).astype(jnp.float32)  # [J, 64]: element l + 64 i is xs[i, l]; f16 -> f32 exact
-    if w_contract == 0:
-        ws = w.reshape(j, F16_LANES, -1)  # [J, 64, N]: a free view of [K, N]
-        n = ws.shape[-1]
-
-        def body(i, acc):  # acc [64, N]
-            wi = jax.lax.dynamic_index_in_dim(ws, i, axis=0, keepdims=False).astype(jnp.float32)  # [64, N]
-            return acc + xs[i][:, None] * wi
-        acc = jax.lax.fori_loop(0, j, body, jnp.zeros((F16_LANES, n), jnp.float32))  # [64, N]
-        while acc.shape[0] > 1:
-            h = acc.shape[0] // 2
-            acc = acc[:h] + acc[h:]  # [h, N]: lane l + lane l + h
-        return acc.reshape(*lead, n)  # [..., N]
     ws = w.reshape(w.shape[0], j, F16_LANES)  # [N, J, 64]: a free view of the table [N, K]
     n = ws.shape[0]
 
@@ -132,18 +124,20 @@ F16_BLOCK_SMALL, F16_BLOCK = 512, 1024
 @functools.cache
 def host_has_avx512() -> bool:
     """Whether torch's CPU kernels run their AVX-512 versions on this host: the flags torch's
-    "avx512" capability needs (avx512f, bw, vl, dq) in /proc/cpuinfo, unless
-    ``ATEN_CPU_CAPABILITY`` (torch's own override) names a capability. Read once, at trace
-    time: it picks the float16 summation order that reproduces torch's on this host."""
-    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if cap:
-        return cap.startswith("avx512")
+    "avx512" capability needs (avx512f, bw, vl, dq) in /proc/cpuinfo, and
+    ``ATEN_CPU_CAPABILITY`` (torch's own override) naming none below it. The override can
+    only lower the capability: torch ignores one the host lacks (measured: "avx512" on this
+    AVX2 host left torch in its AVX2 order). Read once, at trace time: it picks the float16
+    summation order that reproduces torch's on this host. Not reproduced: torch's scalar
+    kernels (``ATEN_CPU_CAPABILITY=default``), whose order differs from both."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        has = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
     except OSError:
-        return True  # no cpuinfo to read (not Linux): the order probed first
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+        has = True  # no cpuinfo to read (not Linux): the order probed first
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    return has and (not cap or cap.startswith("avx512"))
 
 
 def _f16_rows(x, w):
