@@ -32,6 +32,14 @@ torch's order depends on the host); bit-exact with torch from K = 64 to 18944, w
 differed on up to 0.7% of outputs and left float16 SwiGLU up to 3 ulps (36% of one
 fuzzed case's outputs) off. The chunk count depends only on static shapes, so a
 compiled function has one fixed summation order.
+
+Derivative (the CPU split path): reverse mode's ``grad x = ct @ w^T`` sums over the N
+outputs, and JAX's own transpose of the split leaves that sum whole, which XLA's CPU
+backend adds sequentially under jit (12x torch's error for a 4-row lm_head on an AVX2
+host, 2.3x on an AVX-512 one with jax 0.11.2). ``_split_dot_ad`` keeps the value and differentiates
+through ``_split_dot_x``, whose transpose splits the sum over N in chunks as the forward
+splits K (0.60-0.65x torch's error on both hosts; forward mode and higher orders work
+as before: ``jax.custom_jvp``). Timed in ``benchmarks/probe_dot_grad_cpu.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A chunk of this many terms at most ...
@@ -223,6 +232,77 @@ def split_dot(x: jax.Array, w: jax.Array, *, chunks: int, w_contract: int) -> ja
     return total.reshape(*x.shape[:-1], n)  # [..., N]
 
 
+def _out_chunk_count(n: int, rows: int, k: int) -> int:
+    """The chunks of the output axis N for ``split_dot``'s derivative (``_split_dot_ad``):
+    ``_chunk_count(n)``, or where its float32 partials ``[rows, K, c]`` would pass
+    ``MAX_PARTIAL_ELEMS``, the largest divisor of ``n`` that keeps them under it (longer
+    chunks, still far shorter than one sequential sum over N); 1 if none does."""
+    c = _chunk_count(n)
+    most = MAX_PARTIAL_ELEMS // max(1, rows * k)
+    if c <= most:
+        return c
+    return next((d for d in range(min(most, n), 1, -1) if n % d == 0), 1)
+
+
+def _split_dot_x(t: jax.Array, w: jax.Array, *, chunks: int, out_chunks: int, w_contract: int) -> jax.Array:
+    """``split_dot``'s product, linear in ``t`` (a tangent of x), written so that its
+    transpose (reverse mode's ``grad x = ct @ w^T``, a sum over the N outputs) is split too.
+
+    Why: transposed by JAX, ``split_dot`` pulls ``ct[rows, N]`` back through one sum over
+    all N terms, which XLA's CPU backend, under jit, adds sequentially: a few-row lm_head's
+    grad(x) (N = V) measured 12.1x torch's error on an AVX2 host, a swiglu's grad through
+    its down projection (N = D = 3584) 3.1x. Here ``t`` is broadcast over ``out_chunks``
+    chunks of N explicitly (``broadcast_in_dim``), and each product is formed against a
+    chunk of ``N / out_chunks`` outputs, so the transpose sums each chunk's terms, then the
+    chunk partials: the two-level sum of ``split_dot``'s forward, over N. Forward (a
+    ``jax.jvp``), the K sum is split into ``chunks`` as in ``split_dot``. Products and
+    sums in float32 (bf16/f16 products are exact in float32). Reverse mode runs one fused
+    pass over ``w``; its only buffer is the ``[rows, K, out_chunks]`` float32 partials
+    (bounded by ``_out_chunk_count``).
+    """
+    c, cn = chunks, out_chunks
+    k = t.shape[-1]
+    n = w.shape[1 - w_contract]
+    rows = 1
+    for d in t.shape[:-1]:
+        rows *= d
+    tf = t.reshape(rows, c, k // c).astype(jnp.float32)  # [rows, c, K/c]; bf16/f16 -> f32 exact
+    # The explicit broadcast over the N chunks is what reverse mode turns into the sum of
+    # the cn chunk partials; the implicit one over a chunk's N/cn outputs, into each chunk's sum.
+    tb = jax.lax.broadcast_in_dim(tf, (rows, c, k // c, cn), (0, 1, 2))  # [rows, c, K/c, cn]
+    if w_contract == 0:
+        w5 = w.reshape(c, k // c, cn, n // cn).astype(jnp.float32)  # [c, K/c, cn, N/cn]: a free view of [K, N]; exact
+        prod = tb[..., None] * w5[None]  # [rows, c, K/c, cn, N/cn]
+        total = jnp.sum(jnp.sum(prod, axis=2), axis=1)  # [rows, cn, N/cn]: each K chunk, then the c partials
+    else:
+        w5 = w.reshape(cn, n // cn, c, k // c).astype(jnp.float32)  # [cn, N/cn, c, K/c]: a free view of [N, K]; exact
+        prod = tb.transpose(0, 3, 1, 2)[:, :, None] * w5[None]  # [rows, cn, N/cn, c, K/c]
+        total = jnp.sum(jnp.sum(prod, axis=4), axis=3)  # [rows, cn, N/cn]: each K chunk, then the c partials
+    return total.reshape(*t.shape[:-1], n)  # [..., N]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _split_dot_ad(x, w, chunks, out_chunks, w_contract):
+    """``split_dot`` (the value, bit for bit), differentiated through ``_split_dot_x`` in x so
+    that reverse mode's sum over N is split as the forward's sum over K is. In w, the
+    derivative is ``split_dot``'s own: its transpose sums over the few rows only."""
+    return split_dot(x, w, chunks=chunks, w_contract=w_contract)
+
+
+def _split_dot_ad_jvp(chunks, out_chunks, w_contract, primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    terms = []  # a zero tangent (symbolic) costs nothing: no matmul of zeros
+    if not isinstance(tx, SymbolicZero):
+        terms.append(_split_dot_x(tx, w, chunks=chunks, out_chunks=out_chunks, w_contract=w_contract))
+    if not isinstance(tw, SymbolicZero):
+        terms.append(split_dot(x, tw, chunks=chunks, w_contract=w_contract))
+    return _split_dot_ad(x, w, chunks, out_chunks, w_contract), functools.reduce(jnp.add, terms)
+
+
+_split_dot_ad.defjvp(_split_dot_ad_jvp, symbolic_zeros=True)
+
+
 def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool = False) -> jax.Array:
     """``x[..., K]`` contracted with axis ``w_contract`` of the 2-D ``w``; float32 result.
 
@@ -253,5 +333,6 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     lowp = x.dtype != jnp.float32 and not f32_result
     if lowp or c == 1 or rows > MAX_SPLIT_ROWS or too_big:
         return _plain(x, w, dims)  # [..., N]
-    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: split_dot(x, w, chunks=c, w_contract=w_contract),
+    cn = _out_chunk_count(n, rows, k)
+    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _split_dot_ad(x, w, c, cn, w_contract),
                                       default=lambda x, w: _plain(x, w, dims))

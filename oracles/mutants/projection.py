@@ -61,6 +61,20 @@ def vd_reshaped_not_transposed(x, w, b=None, *, recipe="linear", w_layout="DV"):
     return _real(x, w.reshape(w.shape[1], w.shape[0]), b, recipe=recipe, w_layout="DV")  # [D, V] (wrong)
 
 
+def grad_summed_sequentially(x, w, b=None, *, recipe="linear", w_layout="DV"):
+    """The same values, bit for bit, but the CPU split matmul's derivative left to JAX: grad(x)
+    of a few-row float32 projection pulled back through one sum over all N outputs, which
+    XLA's CPU backend adds sequentially (session 20: 12x torch's error for a 4-row lm_head)."""
+    import kernels._dot as dot
+
+    real = dot._split_dot_ad
+    dot._split_dot_ad = lambda x, w, c, cn, wc: dot.split_dot(x, w, chunks=c, w_contract=wc)
+    try:  # traced here, so the jitted call keeps the swapped derivative
+        return _real(x, w, b, recipe=recipe, w_layout=w_layout)
+    finally:
+        dot._split_dot_ad = real
+
+
 MUTANTS = {
     "low_precision_accumulation": low_precision_accumulation,
     "f32_logits_in_model_dtype": f32_logits_in_model_dtype,
@@ -69,4 +83,5 @@ MUTANTS = {
     "bias_after_rounding": bias_after_rounding,
     "tf32_inputs": tf32_inputs,
     "vd_reshaped_not_transposed": vd_reshaped_not_transposed,
+    "grad_summed_sequentially": grad_summed_sequentially,
 }
