@@ -45,6 +45,7 @@ as before: ``jax.custom_jvp``). Timed in ``benchmarks/probe_dot_grad_cpu.py``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -213,9 +214,7 @@ def split_dot(x: jax.Array, w: jax.Array, *, chunks: int, w_contract: int) -> ja
     c = chunks
     k = x.shape[-1]
     n = w.shape[1 - w_contract]
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
+    rows = math.prod(x.shape[:-1])
     if w_contract == 0:
         x2 = x.reshape(rows, c, k // c).swapaxes(0, 1)  # [c, rows, K/c]: the chunk is the batch
         ws = w.reshape(c, k // c, n)  # [c, K/c, N]: row-major, a free view
@@ -263,9 +262,7 @@ def _split_dot_x(t: jax.Array, w: jax.Array, *, chunks: int, out_chunks: int, w_
     c, cn = chunks, out_chunks
     k = t.shape[-1]
     n = w.shape[1 - w_contract]
-    rows = 1
-    for d in t.shape[:-1]:
-        rows *= d
+    rows = math.prod(t.shape[:-1])
     tf = t.reshape(rows, c, k // c).astype(jnp.float32)  # [rows, c, K/c]; bf16/f16 -> f32 exact
     # The explicit broadcast over the N chunks is what reverse mode turns into the sum of
     # the cn chunk partials; the implicit one over a chunk's N/cn outputs, into each chunk's sum.
@@ -318,9 +315,7 @@ def dot_f32(x: jax.Array, w: jax.Array, *, w_contract: int = 0, f32_result: bool
     """
     k = x.shape[-1]
     n = w.shape[1 - w_contract]
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
+    rows = math.prod(x.shape[:-1])
     dims = ((x.ndim - 1,), (w_contract,))
     if x.dtype == jnp.float16 and not f32_result and rows == 1 and k % F16_LANES == 0:
         return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _f16_row(x, w, w_contract=w_contract),
