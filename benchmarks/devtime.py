@@ -23,13 +23,14 @@ import time
 GAP_US = 1000  # kernels closer than this belong to one call (calls are 2 ms apart)
 
 
-def device_span(torch, call, sync, group: int = 1, calls: int = 5) -> dict:
+def device_span(torch, call, sync, group: int = 1, calls: int = 5, top: int = 4) -> dict:
     """Median device seconds per application of ``call(i)`` (``group`` applications a call).
 
     ``sync(out)`` waits for a call's result. Returns ``span_s`` (the median span / group),
     ``spans_s``, ``busy_s`` (summed kernel durations / group), ``kernels_per_app`` and
-    ``top_kernels_s``; or ``{"error": ...}`` when the trace does not split into one kernel
-    group per call (a call with a pause over 1 ms inside, or no kernels at all).
+    ``top_kernels_s`` (the ``top`` largest by summed duration); or ``{"error": ...}`` when
+    the trace does not split into one kernel group per call (a call with a pause over 1 ms
+    inside, or no kernels at all).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -54,7 +55,7 @@ def device_span(torch, call, sync, group: int = 1, calls: int = 5) -> dict:
     for e in groups[-1]:
         by_name[e.name[:60]] += (e.time_range.end - e.time_range.start) * 1e-6 / group
     return {"span_s": statistics.median(spans), "spans_s": spans, "busy_s": statistics.median(busy),
-            "kernels_per_app": len(groups[-1]) / group, "top_kernels_s": dict(by_name.most_common(4))}
+            "kernels_per_app": len(groups[-1]) / group, "top_kernels_s": dict(by_name.most_common(top))}
 
 
 def in_turns(torch, sides: dict, *, rounds: int, calls: int = 5) -> tuple[dict, dict]:

@@ -465,11 +465,14 @@ def gqa_attention(
         the float64 truth; on an H100 a 7B causal prefill at 1.4x torch SDPA flash) or
         ``"pallas"`` (``kernels.attention_pallas``: fused two-pass GPU kernels, query-tiled
         or split-key, that keep either recipe's roundings; ``q_chunk`` does not apply,
-        their memory is O(block)), or ``"pallas_flash"`` (the same kernels in one pass
-        with flash-attention numerics, ``pallas_attention(flash=True)``: recipe
-        ``"fp32_logits"`` only, every mask and softcap; it normalises after the PV
-        matmul like cuDNN, within its own budgets, ``implementations.pallas_flash`` in
-        tolerances.yaml; a 7B decode step 0.84x the time of "pallas" on an H100), or
+        their memory is O(block); the split-key (decode) kernels read only the key
+        blocks from the first to the last key a mask leaves visible, so a step against
+        a preallocated cache reads its filled slots), or ``"pallas_flash"`` (the same
+        kernels in one pass with flash-attention numerics,
+        ``pallas_attention(flash=True)``: recipe ``"fp32_logits"`` only, every mask and
+        softcap; it normalises after the PV matmul like cuDNN, within its own budgets,
+        ``implementations.pallas_flash`` in tolerances.yaml; a 7B decode step 0.84x the
+        time of "pallas" on an H100), or
         ``"mosaic_flash"`` (``kernels.attention_mosaic``: a decode step, T = 1, with the
         same flash numerics as one Hopper kernel fed by TMA: Hopper GPUs only, bf16/f16,
         H a multiple of 64, every mask and softcap; its own budgets,

@@ -188,6 +188,69 @@ def test_split_count_changes_only_the_sum_order():
     np.testing.assert_array_equal(again, outs[2])
 
 
+# A decode cache of S = 160 slots (10 key blocks of 16), filled to 75 keys in batch row 0
+# (5 blocks, the last one partly) and to none in row 1: the masks a decode loop passes,
+# each hiding the unfilled slots (and, with the window, the keys before it).
+FILL, SLOTS = 75, 160
+
+
+def _cache_masks(name: str, s: int) -> dict:
+    kpos = np.broadcast_to(np.arange(s, dtype=np.int32), (2, s)).copy()
+    qpos = np.array([[FILL - 1], [0]], np.int32)  # [B, 1]
+    valid = np.zeros((2, s), bool)
+    valid[0, :FILL] = True  # row 1: nothing filled
+    if name == "kv_valid":  # kernels.models.qwen2's decode step: positions and kv_valid
+        return dict(q_positions=qpos, kv_positions=kpos, kv_valid=valid)
+    if name == "kv_valid_only":  # no positions: the default causal alignment sees every slot
+        return dict(kv_valid=valid)
+    return dict(q_positions=qpos, kv_positions=kpos, kv_valid=valid, sliding_window=37)  # "window": 38..74
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["two_pass", "flash"])
+@pytest.mark.parametrize("mask", ["kv_valid", "kv_valid_only", "window"])
+def test_decode_reads_only_the_visible_span(mask, flash):
+    """The split-key kernels deal out only each batch row's span of visible key blocks over
+    their splits (``_split_blocks``): a cache of 160 slots filled to 75 keys gives the
+    bits of the same cache cut after its last visible block (80 slots), though its
+    unfilled slots hold NaN, and a row with nothing filled gives zeros. float32, where
+    the splits' f32 partial sums show in the output bits: reading all 10 blocks in the
+    static splits (5 a split) groups the 5 visible ones differently (3 + 2 here), so the
+    bits of a kernel that reads every block differ (the mutant below)."""
+    cut = -(-FILL // 16) * 16
+    q, k0, v0 = _arrays(31, 2, 1, SLOTS, 16, 2, 32, "float32")
+    k, v = k0.copy(), v0.copy()
+    k[:, FILL:], v[:, FILL:] = np.nan, np.nan  # the unfilled slots
+    kw = dict(recipe="fp32_logits", flash=flash, block_k=16, num_splits=2, decode=True, interpret=True)
+    full = np.asarray(pallas_attention(q, k, v, **_cache_masks(mask, SLOTS), **kw))
+    short = np.asarray(pallas_attention(q, k[:, :cut], v[:, :cut], **_cache_masks(mask, cut), **kw))
+    assert np.isfinite(full).all() and np.all(full[1] == 0.0)
+    np.testing.assert_array_equal(full, short)
+    if not flash:  # and they are the recipe's numbers (flash has its own budgets: test_attention.py)
+        kv = _cache_masks(mask, cut)
+        _require_equal(short, reference(q, k0[:, :cut], v0[:, :cut], recipe="fp32_logits", **kv),
+                       _term_sum(q, k0[:, :cut], v0[:, :cut], kv), "float32", mask)
+
+
+def test_visible_span_test_catches_a_kernel_that_reads_every_block(monkeypatch):
+    """The mutant: every batch row's span the whole cache (the kernels as they were before:
+    every block read, in the static splits). Its bits differ from the cut cache's, so
+    ``test_decode_reads_only_the_visible_span`` fails it (float32, the two-pass kernel)."""
+    import kernels.attention_pallas as kp
+
+    def every_block(q_pos, kv_pos, kv_valid, *, t, block_k, causal, sliding_window):
+        b, s = kv_valid.shape
+        return jnp.broadcast_to(jnp.array([0, -(-s // block_k)], jnp.int32), (b, 2))  # [B, 2]: every block
+
+    monkeypatch.setattr(kp, "_visible_span", every_block)
+    jax.clear_caches()  # the kernels are traced again with the mutant
+    try:
+        with pytest.raises(AssertionError, match="not equal"):
+            test_decode_reads_only_the_visible_span("kv_valid", False)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
 def test_default_blocks_agree():
     """The default 64x64 blocks, launched heavy first (clamped to the padded T and S: 1 x 2
     tiles here), agree too, and so do the split-key kernel's defaults (block_k 64, 128
