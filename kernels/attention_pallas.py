@@ -644,7 +644,7 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     # With the default masks (positions, no kv_valid, segments or window) the last query
     # (position S - 1) sees every key: no key is unused, so v needs no zeroing, and every
     # split reads its own `steps` blocks. Otherwise (`ranged`) each batch row's span of
-    # visible key blocks is computed first (one small XLA reduction, shared by every layer
+    # visible key blocks is computed first (one small XLA reduction, the same for every layer
     # of a model step) and dealt out over the splits (_split_blocks): a decode step reads
     # the filled part of its cache, not all of it. The key refs then span the whole cache.
     all_used = default_positions and all_valid and not has_segments and sliding_window is None
