@@ -10,7 +10,7 @@ instead of reading every block. One token against S = 32768 slots filled to ``fi
 Qwen2.5-7B (N 28, K 4, H 128) and 0.5B (N 14, K 2, H 64), bf16, with the masks of the
 model's decode step (``q_positions = fill - 1``, ``kv_positions = s``,
 ``kv_valid = s < fill``), for the GPU default (``"pallas"``, recipe "hf"), ``"pallas_flash"``
-and ``"mosaic_flash"`` (which still reads every block).
+and ``"mosaic_flash"`` (its span since session 23: ``--impls``, ``--before-mosaic``).
 
 Side by side in one run, in turns (``devtime.in_turns``: 4 input sets a call, so no set is
 L2-resident when it is used):
@@ -22,8 +22,9 @@ L2-resident when it is used):
 * ``no mask`` (fill = S only): every key visible without masks, the static splits: the
   cost of the masks (their vectors and the span) when the span is the whole cache. The
   full-cache calls are also traced once more for every kernel (``breakdown``);
-* ``before`` (``--before``, the Pallas paths): the same masks on the kernels as they were
-  (a copy of the module before this change), which read every block.
+* ``before`` (``--before``, the Pallas paths; ``--before-mosaic``, ``mosaic_flash``): the
+  same masks on the kernels as they were (a copy of the module before its span), which
+  read every block.
 
 Each row also holds the ``span`` output's error against the float64 truth (max |out -
 truth| / max |truth|, set 0) beside the XLA path's, so a fast wrong kernel cannot pass.
@@ -32,9 +33,15 @@ Result (H100, 2026-11-23, results/probe_decode_span_h100.json, copy 3009 GB/s; i
 before / span): a 7B step with 512 of 32768 slots filled, default 36.33 / 9.20 us (3.95x),
 ``pallas_flash`` 29.80 / 7.14 (4.17x); half filled 1.54x and 1.52x; a full cache 0.98x and
 0.97x (the span's reduction and launch, 0.6-1.1 us). 0.5B: 1.99x, 2.02x at 512 slots, 0.94x
-and 0.97x full. ``mosaic_flash`` reads every block at every fill (28.5-29.2 us). The
+and 0.97x full. ``mosaic_flash`` then read every block at every fill (28.5-29.2 us). The
 span outputs' error against the float64 truth equals the XLA path's ("hf") or is lower
 (flash). Table and reading: benchmarks/README.md (session 22).
+
+``mosaic_flash`` with its span (session 23, ``--impls mosaic_flash,pallas_flash
+--before-mosaic``, results/probe_decode_span_mosaic_h100.json, copy 3006 GB/s): 7B 7.27 us
+against 28.71 before at 512 slots (3.95x), 18.50 against 28.84 half filled, 30.22 against
+29.16 full (0.965x); 0.5B 1.90x at 512 slots, 0.93x full. Beside ``pallas_flash`` in the
+same run: faster at 7B from 4096 slots on (30.22 against 31.35 full), slower at 0.5B.
 """
 
 from __future__ import annotations
@@ -53,8 +60,11 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--impls", default="default,pallas_flash,mosaic_flash", help="which of them to time")
     ap.add_argument("--before", help="a copy of kernels/attention_pallas.py before the span (git show "
                                      "fdf3f38:kernels/attention_pallas.py): its kernels timed beside, as 'before'")
+    ap.add_argument("--before-mosaic", help="a copy of kernels/attention_mosaic.py before its span (git show "
+                                            "02cf21e:kernels/attention_mosaic.py): timed beside, as 'before'")
     args = ap.parse_args(argv)
 
     import jax
@@ -80,18 +90,27 @@ def main(argv=None):
     fills = [S // 64, S // 8, S // 2, S]
     models = {"7b": (28, 4, 128), "0.5b": (14, 2, 64)}
     impls = {"pallas hf (default)": dict(recipe="hf"),
-             "pallas_flash": dict(recipe="fp32_logits", implementation="pallas_flash")}
-    if not smoke:
-        impls["mosaic_flash"] = dict(recipe="fp32_logits", implementation="mosaic_flash")
+             "pallas_flash": dict(recipe="fp32_logits", implementation="pallas_flash"),
+             "mosaic_flash": dict(recipe="fp32_logits", implementation="mosaic_flash")}
+    wanted = {"default" if name.startswith("pallas hf") else name for name in args.impls.split(",")}
+    impls = {name: o for name, o in impls.items() if ("default" if name.startswith("pallas hf") else name) in wanted
+             and not (smoke and name == "mosaic_flash")}  # mosaic_flash needs a Hopper GPU
 
-    before = None
-    if args.before:  # the module as it was, loaded under its own name (it imports kernels.* as usual)
+    def load(name, path):  # a module as it was, loaded under its own name (it imports kernels.* as usual)
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("attention_pallas_before", args.before)
-        before = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(before)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    before = {}
+    if args.before:
+        before["pallas"] = load("attention_pallas_before", args.before)
         res["before"] = args.before
+    if args.before_mosaic:
+        before["mosaic_flash"] = load("attention_mosaic_before", args.before_mosaic)
+        res["before_mosaic"] = args.before_mosaic
 
     def randn(shape, i):
         return jax.random.normal(jax.random.fold_in(key, i), shape, f32).astype(bf16)
@@ -130,11 +149,16 @@ def main(argv=None):
             for impl, opts in impls.items():
                 if smoke and impl != "pallas hf (default)":
                     opts = dict(opts, implementation="xla")  # the Pallas GPU paths need a GPU
-                was = [("before", m_span)] if before is not None and impl != "mosaic_flash" else []
+                old = before.get("mosaic_flash" if impl == "mosaic_flash" else "pallas")
+                was = [("before", m_span)] if old is not None else []
                 for variant, m in variants + was:
                     fn = functools.partial(gqa_attention, **m, **opts)
-                    if variant == "before":  # what gqa_attention called: pallas_attention, flash for pallas_flash
-                        fn = functools.partial(before.pallas_attention, **m, recipe=opts["recipe"],
+                    if variant == "before" and impl == "mosaic_flash":  # what gqa_attention called
+                        fn = functools.partial(old.mosaic_attention, **m, scale=H ** -0.5, causal=True,
+                                               segment_ids=None, sliding_window=None, softcap=None,
+                                               recipe="fp32_logits")
+                    elif variant == "before":  # what gqa_attention called: pallas_attention, flash for pallas_flash
+                        fn = functools.partial(old.pallas_attention, **m, recipe=opts["recipe"],
                                                flash=opts.get("implementation") == "pallas_flash", interpret=smoke)
                     row = dict(model=model, fill=fill, impl=impl, variant=variant, bytes_read=2 * fill * K * H * 2)
                     try:

@@ -477,7 +477,8 @@ def gqa_attention(
         same flash numerics as one Hopper kernel fed by TMA: Hopper GPUs only, bf16/f16,
         H a multiple of 64, every mask and softcap; its own budgets,
         ``implementations.mosaic_flash``; a 7B decode step 0.97x the time of
-        "pallas_flash" on an H100).
+        "pallas_flash" on an H100; like the split-key kernels it reads only the key
+        blocks from the first to the last visible key).
         ``None``: ``"pallas"`` for bf16/f16 on a CUDA GPU (the fastest path that meets
         its GPU budget), ``"xla"`` otherwise (float32 everywhere: its pair scores). An
         option a path cannot honour raises ValueError; nothing falls back silently.

@@ -40,7 +40,14 @@ Masks: one query a batch row sees a set of keys that depends on the key alone, s
 mask of ``gqa_attention`` (causality at the query's position, a sliding window,
 ``kv_valid``, positions, segments) is one boolean ``[B, S]`` (``vis``), fetched by TMA
 with each key block. A cache length S that is not a multiple of the key blocks reads
-past the end (TMA fills zeros) and masks those keys.
+past the end (TMA fills zeros) and masks those keys. With a mask the splits read only
+each batch row's span of blocks from its first visible key through its last
+(``attention_pallas.block_span``, dealt out by ``deal_blocks`` as in the Pallas
+split-key kernels; dynamic loop counts in both warpgroups): a decode step against a
+preallocated cache reads its filled part (a 7B step with 512 of 32768 slots filled:
+7.3 us against 28.7 before, a full cache 30.2 against 29.2; H100,
+benchmarks/results/probe_decode_span_mosaic_h100.json), and a cache of any length
+filled to the same keys gives the same bits.
 
 ``fuse=True`` (session 13, measured slower: 28.3 us a 7B step against 27.5 with the
 combine as a second launch, ``probe_decode_mosaic.py --fused``; not used by
@@ -118,14 +125,19 @@ def _flash_update(acc, alpha, pv):
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
 
 
-def _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale, softcap, g, rp, block_k,
-            steps, stages, wgs, q_mode, fuse, trim):
+def _kernel(q_ref, k_ref, v_ref, vis_ref, span_ref, m_ref, l_ref, acc_ref, o_ref, scoped, *, scale, softcap, g, rp,
+            block_k, steps, n_split, stages, wgs, q_mode, fuse, trim):
     """One (key split, kv head, batch row) program: warpgroups ``0 .. wgs - 1`` compute, each
-    on every ``wgs``-th key block with its own ``(m, l, acc)``; warpgroup ``wgs`` loads.
-    ``vis_ref`` (None: every key visible): int32 ``[B, blocks, block_k + VIS_TAIL]``, a
-    key block's record (:func:`_vis_records`), fetched with the block. ``fuse``: the
-    compute warpgroup then takes part in the fused combine (:func:`_combine`, less ``trim``)."""
+    on every ``wgs``-th of the split's key blocks with its own ``(m, l, acc)``; warpgroup
+    ``wgs`` loads. ``vis_ref`` (None: every key visible): int32 ``[B, blocks, block_k +
+    VIS_TAIL]``, a key block's record (:func:`_vis_records`), fetched with the block;
+    ``span_ref`` (with it): int32 ``[B, 2]``, the row's span of blocks with a visible key,
+    of which split ``j`` reads its share (``attention_pallas.deal_blocks``: a dynamic count,
+    maybe 0); without it split ``j`` reads its ``steps`` blocks. ``fuse``: the compute
+    warpgroup then takes part in the fused combine (:func:`_combine`, less ``trim``)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from kernels.attention_pallas import deal_blocks
 
     (q_plain, q_smem, k_smem, v_smem, vis_smem, o_smem, ml_smem, out_smem), \
         (k_full, v_full, vis_full, q_full, q_ready, o_turn), (k_free, v_free) = scoped
@@ -134,7 +146,11 @@ def _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref, scoped, 
     wg = lax.axis_index("wg")
     dt = k_ref.dtype
     h = k_ref.shape[-1]
-    key0 = j * (steps * block_k)  # this split's first key
+
+    def blocks():  # (the split's first key block, its count); read by each warpgroup where it needs them
+        if span_ref is None:
+            return j * steps, steps
+        return deal_blocks(span_ref[b, 0], span_ref[b, 1], j, n_split=n_split)  # two scalar loads from memory
 
     @pl.when(wg < wgs)
     def _compute():
@@ -217,7 +233,11 @@ def _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref, scoped, 
         m0 = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc0 = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-        m, l, acc = lax.fori_loop(0, steps // wgs, step, (m0, l0, acc0))
+        count = blocks()[1]
+        # This warpgroup's blocks wg, wg + wgs, ... < count (static: steps // wgs; count >= 0,
+        # so the dynamic division needs no floor correction).
+        mine = steps // wgs if span_ref is None else lax.div(count + (wgs - 1) - wg, wgs)
+        m, l, acc = lax.fori_loop(0, mine, step, (m0, l0, acc0))
         # This warpgroup's partials (part j * wgs + wg), the head's rp rows only: staged in
         # shared memory, stored by TMA; the compute warpgroups take the one staging buffer in turn.
         part = j * wgs + wg
@@ -245,19 +265,24 @@ def _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref, scoped, 
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
+        if q_mode == "rows":  # q first: 1-row tiles take rows of a [B, N, H] q whatever N is
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(c * g, rp)], q_plain.at[pl.ds(0, rp)], q_full)
+        blk0, count = blocks()
+
         def fetch(i, slot):
-            keys = (b, pl.ds(key0 + i * block_k, block_k), c)  # [bk, H], rows K * H apart in the cache
+            keys = (b, pl.ds((blk0 + i) * block_k, block_k), c)  # [bk, H], rows K * H apart in the cache
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_full.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_full.at[slot])
             if masked:  # the block's visibility, with v (it is read twice, before v is freed)
-                plgpu.copy_gmem_to_smem(vis_ref.at[b, j * steps + i], vis_smem.at[slot], vis_full.at[slot])
+                plgpu.copy_gmem_to_smem(vis_ref.at[b, blk0 + i], vis_smem.at[slot], vis_full.at[slot])
 
-        if q_mode == "rows":  # q first: 1-row tiles take rows of a [B, N, H] q whatever N is
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(c * g, rp)], q_plain.at[pl.ds(0, rp)], q_full)
         for i in range(stages):  # the first `stages` blocks into empty slots
-            fetch(i, i)
+            if span_ref is None:
+                fetch(i, i)
+            else:
+                pl.when(i < count)(functools.partial(fetch, i, i))
 
-        @pl.loop(0, steps - stages)
+        @pl.loop(0, steps - stages if span_ref is None else jnp.maximum(count - stages, 0))
         def _refill(i):
             slot = lax.rem(i, stages)
             plgpu.barrier_wait(k_free.at[slot])
@@ -359,7 +384,7 @@ def _decode(q, k, v, vis=None, *, scale, softcap=None, block_k, num_splits, stag
             trim=""):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    from kernels.attention_pallas import combine_splits
+    from kernels.attention_pallas import block_span, combine_splits
 
     b, _, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -369,7 +394,12 @@ def _decode(q, k, v, vis=None, *, scale, softcap=None, block_k, num_splits, stag
     s_pad = -(-s // chunk) * chunk  # keys as the grid walks them; past S, TMA reads zeros
     if s_pad != s and vis is None:
         vis = jnp.ones((b, s), jnp.bool_)  # [B, S]: only the keys past S are masked
+    span = None
     if vis is not None:
+        # Only the blocks from each row's first visible key through its last are read, dealt
+        # out over the splits: a decode step against a preallocated cache reads its filled
+        # part. Without a mask every block is read in the static splits (no span to load).
+        span = block_span(vis, block_k=block_k)  # [B, 2]: first block, count
         vis = _vis_records(vis, s_pad=s_pad, block_k=block_k)  # [B, S_pad / bk, bk + VIS_TAIL]
     steps = s_pad // (block_k * num_splits)
     stages = min(stages, steps)
@@ -385,7 +415,7 @@ def _decode(q, k, v, vis=None, *, scale, softcap=None, block_k, num_splits, stag
     masked = vis is not None
 
     def entry(q_ref, k_ref, v_ref, *refs):
-        vis_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+        (vis_ref, span_ref), refs = (refs[:2], refs[2:]) if masked else ((None, None), refs)
         m_ref, l_ref, acc_ref, *o_ref = refs
         q_tr = (plgpu.TilingTransform((1, swz // 2)), plgpu.SwizzleTransform(swz))
         scratch = [plgpu.SMEM((ROWS, h), dt, transforms=q_tr),  # q as loaded: the head's rp rows (TMA), the rest unused
@@ -400,9 +430,10 @@ def _decode(q, k, v, vis=None, *, scale, softcap=None, block_k, num_splits, stag
                 plgpu.Barrier(num_barriers=stages), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier())
         free = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
         pl.run_scoped(
-            lambda *scoped: _kernel(q_ref, k_ref, v_ref, vis_ref, m_ref, l_ref, acc_ref, o_ref[0] if fuse else None,
-                                    scoped, scale=scale, softcap=softcap, g=g, rp=rp, block_k=block_k, steps=steps,
-                                    stages=stages, wgs=wgs, q_mode=q_mode, fuse=fuse, trim=trim),
+            lambda *scoped: _kernel(q_ref, k_ref, v_ref, vis_ref, span_ref, m_ref, l_ref, acc_ref,
+                                    o_ref[0] if fuse else None, scoped, scale=scale, softcap=softcap, g=g, rp=rp,
+                                    block_k=block_k, steps=steps, n_split=num_splits, stages=stages, wgs=wgs,
+                                    q_mode=q_mode, fuse=fuse, trim=trim),
             scratch, full, free, collective_axes="wg")
 
     outs = plgpu.kernel(
@@ -415,7 +446,7 @@ def _decode(q, k, v, vis=None, *, scale, softcap=None, block_k, num_splits, stag
         num_threads=wgs + 1, thread_name="wg",  # compute warpgroups + 1 memory warpgroup
         # approx: exp as ex2.approx (Triton's exp, the Triton flash kernel's); else as XLA's.
         compiler_params=plgpu.CompilerParams(approx_math=approx),
-    )(qq, k, v, *([vis] if masked else []))  # [B, K, parts, rp] x 2, [B, parts, K, rp, H] (, [B, N, H] fused)
+    )(qq, k, v, *([vis, span] if masked else []))  # [B, K, parts, rp] x 2, [B, parts, K, rp, H] (, [B, N, H] fused)
     out = outs[3] if fuse else combine_splits(*outs, rows=g, dtype=dt)  # [B, N, H]
     return out.reshape(b, 1, n, h)  # [B, T = 1, N, H]
 

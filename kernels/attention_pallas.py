@@ -20,7 +20,7 @@ applies):
   once. Only the f32 orders differ from the query-tiled kernel (and from XLA): the row
   sum over splits, the PV sum over splits. With any mask (``kv_valid``, positions,
   segments, a window) the splits share out only each batch row's span of key blocks
-  that some query may see (``_visible_span``, ``_split_blocks``): a decode step against
+  that some query may see (``_visible_span``, ``deal_blocks``): a decode step against
   a preallocated cache reads its filled part, not every slot (a 7B step with 512 of
   32768 slots filled: 9.2 us against 36.3 before, on an H100,
   benchmarks/results/probe_decode_span_h100.json), and a cache of any length filled to
@@ -395,10 +395,12 @@ class _Masks:
                           + (() if all_valid else ("kval",)))
         self.names = self.row_names + self.key_names
 
-    def split(self, refs):
-        """``refs`` = the kernel's leading mask refs followed by the rest: (dict, rest)."""
+    def split(self, refs, *, ranged: bool):
+        """``refs`` = the kernel's leading mask refs, then (``ranged``) its batch row's ``[2]``
+        span ref, then the rest: (dict, span ref or None, rest)."""
         n = len(self.names)
-        return dict(zip(self.names, refs[:n])), refs[n:]
+        masks, rest = dict(zip(self.names, refs[:n])), refs[n:]
+        return (masks, rest[0], rest[1:]) if ranged else (masks, None, rest)
 
 
 def _decode_rows(masks, *, rp, rows, t_len, q_offset):
@@ -435,8 +437,8 @@ def _visible_span(q_pos, kv_pos, kv_valid, *, t, block_k, causal, sliding_window
     the kernels. ``q_pos``/``kv_pos`` None: the default positions ``S - T + t`` and ``s``.
     """
     s = kv_valid.shape[1]
-    idx = jnp.arange(s, dtype=jnp.int32)  # [S]
     if q_pos is None:
+        idx = jnp.arange(s, dtype=jnp.int32)  # [S]
         kp, q_hi, q_lo = idx[None, :], s - 1, s - t  # [1, S], scalars
     else:
         kp, q_hi, q_lo = kv_pos, q_pos.max(axis=1, keepdims=True), q_pos.min(axis=1, keepdims=True)  # [B,S], [B,1] x 2
@@ -445,28 +447,51 @@ def _visible_span(q_pos, kv_pos, kv_valid, *, t, block_k, causal, sliding_window
         ok = ok & (kp <= q_hi)
     if sliding_window is not None:
         ok = ok & (kp > q_lo - sliding_window)
-    lo = jnp.min(jnp.where(ok, idx, s), axis=1)  # [B] first visible key (S: none)
+    return block_span(ok, block_k=block_k)
+
+
+def block_span(ok, *, block_k: int):
+    """bool ``ok [B, S]`` (keys that may be read) -> ``[B, 2]`` int32: each batch row's first
+    key block holding such a key and the number of blocks from it through the last one
+    (0 blocks: no such key). The split-key kernels here and ``attention_mosaic`` deal these
+    blocks out over their splits (:func:`deal_blocks`)."""
+    s = ok.shape[1]
+    idx = jnp.arange(s, dtype=jnp.int32)  # [S]
+    lo = jnp.min(jnp.where(ok, idx, s), axis=1)  # [B] first such key (S: none)
     hi = jnp.max(jnp.where(ok, idx + 1, 0), axis=1)  # [B] one past the last (0: none)
     first = lo // block_k
     return jnp.stack([first, jnp.maximum(-(-hi // block_k) - first, 0)], axis=1).astype(jnp.int32)  # [B, 2]
 
 
-def _split_blocks(span_ref, j, *, steps, n_split):
-    """Split ``j``'s key blocks: ``(first block, count)``.
-
-    Without a span (``span_ref`` None: every key may be visible) split ``j`` holds blocks
-    ``j * steps ...`` of the padded cache. With one, the row's visible blocks
-    ``[first, first + nb)`` are dealt out in runs of ``ceil(nb / n_split)``: blocks no
-    query may see (a cache's unfilled slots, keys past a window) are never read, and a
-    cache of any length filled to the same keys gives the same splits, so the same bits.
-    With every block visible the runs are the static splits.
-    """
-    if span_ref is None:
-        return j * steps, steps
-    first, nb = span_ref[0], span_ref[1]
+def deal_blocks(first, nb, j, *, n_split: int):
+    """Split ``j``'s key blocks ``(first block, count)`` of a row's span ``[first, first +
+    nb)`` (:func:`block_span`), dealt out in runs of ``ceil(nb / n_split)``: blocks no query
+    may see (a cache's unfilled slots, keys past a window) are never read, and a cache of
+    any length filled to the same keys gives the same splits, so the same bits. With every
+    block visible (``nb = n_split * steps``) the runs are the static splits. Scalars, traced
+    inside a kernel (Triton or Mosaic GPU: max/min rather than a clamp)."""
     per = lax.div(nb + (n_split - 1), n_split)  # ceil(nb / n_split); nb >= 0, so no floor correction
     start = j * per
-    return first + start, jnp.clip(nb - start, 0, per)
+    return first + start, jnp.minimum(jnp.maximum(nb - start, 0), per)
+
+
+def _split_keys(span_ref, j, *, steps, n_split, block_k):
+    """Split ``j``'s key blocks: ``(count, keys)``, where ``keys(i)`` is ``(key, local)`` of
+    its ``i``-th block: the global index of the block's first key and that key's index in
+    the kernel's key refs. Without a span (``span_ref`` None: every key may be visible)
+    split ``j`` holds blocks ``j * steps ...`` of the padded cache and its key refs hold
+    only its own keys; with one (the key refs span the whole cache), its share of the
+    row's span (:func:`deal_blocks`)."""
+    if span_ref is None:
+        first, count, base = j * steps, steps, j * steps * block_k
+    else:
+        (first, count), base = deal_blocks(span_ref[0], span_ref[1], j, n_split=n_split), 0
+
+    def keys(i):
+        key = pl.multiple_of((first + i) * block_k, block_k)
+        return key, pl.multiple_of(key - base, block_k)
+
+    return count, keys
 
 
 def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinfo, vis_opts, exact, ranged,
@@ -476,9 +501,8 @@ def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinf
     "fp32_logits"; masked keys -inf), with the split's row max ``m`` and row sum ``l`` of
     ``exp(s - m)`` (online, f32). ``ranged`` (every decode kernel alike): a ``[2]`` span
     ref follows the mask refs, the key refs span the whole cache, and the split's blocks
-    come from :func:`_split_blocks`; otherwise split ``j`` walks its own ``steps`` blocks."""
-    masks, rest = mask_set.split(refs)
-    span_ref, (q_ref, k_ref, s_ref, m_ref, l_ref) = (rest[0], rest[1:]) if ranged else (None, rest)
+    come from :func:`_split_keys`; otherwise split ``j`` walks its own ``steps`` blocks."""
+    masks, span_ref, (q_ref, k_ref, s_ref, m_ref, l_ref) = mask_set.split(refs, ranged=ranged)
     b, kv, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k, rp, rows = vis_opts["block_k"], rowinfo["rp"], rowinfo["rows"]
     # This kv head's G * T packed rows, zeros below them (a masked load: the padding is
@@ -486,13 +510,11 @@ def _decode_scores_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinf
     real_rows = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
     q = plgpu.load(q_ref.at[b, pl.ds(kv * rows, rp), :], mask=real_rows, other=0)  # [Rp, Hp] dt
     real, qpos, qseg = _decode_rows(masks, **rowinfo)
-    first, count = _split_blocks(span_ref, j, steps=steps, n_split=n_split)
-    base = 0 if ranged else j * block_k * steps  # the key at index 0 of the key refs
+    count, keys = _split_keys(span_ref, j, steps=steps, n_split=n_split, block_k=block_k)
 
     def step(i, carry):
         m, l = carry
-        key = pl.multiple_of((first + i) * block_k, block_k)
-        local = pl.multiple_of(key - base, block_k)
+        key, local = keys(i)
         s = _tile_scores(q, k_ref[pl.ds(local, block_k), :], scale=scale, softcap=softcap, recipe=recipe,
                          exact=exact)  # [Rp, bk] f32
         vis = _decode_visible(masks, key, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
@@ -510,8 +532,7 @@ def _decode_pv_kernel(*refs, mask_set, steps, rowinfo, vis_opts, all_used, exact
     combined over all splits (``m = max_j m_j``, ``l = sum_j l_j exp(m_j - m)``), then
     ``p = dt(exp(s - m) * (1 / l))`` and this split's ``p @ v`` in f32 (``acc_ref``; the
     splits are added by the caller)."""
-    masks, rest = mask_set.split(refs)
-    span_ref, (s_ref, v_ref, m_ref, l_ref, acc_ref) = (rest[0], rest[1:]) if ranged else (None, rest)
+    masks, span_ref, (s_ref, v_ref, m_ref, l_ref, acc_ref) = mask_set.split(refs, ranged=ranged)
     j = pl.program_id(2)
     block_k = vis_opts["block_k"]
     dt = v_ref.dtype
@@ -521,12 +542,10 @@ def _decode_pv_kernel(*refs, mask_set, steps, rowinfo, vis_opts, all_used, exact
     l = jnp.sum(l_ref[...] * jnp.exp(mj - m[None, :]), axis=0)  # [Rp]; an empty split: 0 * exp(-inf) = 0
     m, inv_l = _finish_stats(m, l)
     real, qpos, qseg = _decode_rows(masks, **rowinfo)
-    first, count = _split_blocks(span_ref, j, steps=steps, n_split=n_split)  # pass 1's blocks
-    base = 0 if ranged else j * block_k * steps
+    count, keys = _split_keys(span_ref, j, steps=steps, n_split=n_split, block_k=block_k)  # pass 1's blocks
 
     def step(i, acc):
-        key = pl.multiple_of((first + i) * block_k, block_k)
-        local = pl.multiple_of(key - base, block_k)
+        key, local = keys(i)
         s = s_ref[:, pl.ds(local, block_k)].astype(jnp.float32)  # [Rp, bk]: exact (dt or f32 values)
         p = _probabilities(s, m, inv_l, dt, exact=exact)  # [Rp, bk] dt; masked keys: 0
         v = v_ref[pl.ds(local, block_k), :]  # [bk, Hp] dt
@@ -561,20 +580,17 @@ def _decode_flash_kernel(*refs, mask_set, scale, softcap, recipe, steps, rowinfo
     """One pass of one (batch row, kv head, key split) program, flash numerics: the split's
     row max ``m``, row sum ``l`` of ``exp(s - m)`` and unnormalised f32
     ``acc = sum dt(exp(s - m)) v`` (``_flash_step``); the combine kernel divides."""
-    masks, rest = mask_set.split(refs)
-    span_ref, (q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref) = (rest[0], rest[1:]) if ranged else (None, rest)
+    masks, span_ref, (q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref) = mask_set.split(refs, ranged=ranged)
     b, kv, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k, rp, rows = vis_opts["block_k"], rowinfo["rp"], rowinfo["rows"]
     dt = v_ref.dtype
     real_rows = (jnp.arange(rp) < rows)[:, None]  # [Rp, 1]
     q = plgpu.load(q_ref.at[b, pl.ds(kv * rows, rp), :], mask=real_rows, other=0)  # [Rp, Hp] dt
     real, qpos, qseg = _decode_rows(masks, **rowinfo)
-    first, count = _split_blocks(span_ref, j, steps=steps, n_split=n_split)
-    base = 0 if ranged else j * block_k * steps
+    count, keys = _split_keys(span_ref, j, steps=steps, n_split=n_split, block_k=block_k)
 
     def step(i, carry):
-        key = pl.multiple_of((first + i) * block_k, block_k)
-        local = pl.multiple_of(key - base, block_k)
+        key, local = keys(i)
         s = _tile_scores(q, k_ref[pl.ds(local, block_k), :], scale=scale, softcap=softcap, recipe=recipe,
                          exact=exact)  # [Rp, bk] f32
         vis = _decode_visible(masks, key, local, real=real, qpos=qpos, qseg=qseg, **vis_opts)
@@ -645,7 +661,7 @@ def _pallas_decode(q, k, v, q_pos, kv_pos, kv_valid, q_seg, kv_seg, *, scale, ca
     # (position S - 1) sees every key: no key is unused, so v needs no zeroing, and every
     # split reads its own `steps` blocks. Otherwise (`ranged`) each batch row's span of
     # visible key blocks is computed first (one small XLA reduction, the same for every layer
-    # of a model step) and dealt out over the splits (_split_blocks): a decode step reads
+    # of a model step) and dealt out over the splits (_split_keys): a decode step reads
     # the filled part of its cache, not all of it. The key refs then span the whole cache.
     all_used = default_positions and all_valid and not has_segments and sliding_window is None
     ranged = not all_used

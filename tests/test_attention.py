@@ -579,3 +579,72 @@ def test_mosaic_flash_gradient_is_the_xla_paths():
     got, want = seeded_vjp(run("mosaic_flash"), q, k, v), seeded_vjp(run("xla"), q, k, v)
     for name, g, r in zip("qkv", got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"d{name}")
+
+
+# A decode cache of 640 slots (10 key blocks of 64) filled to 300 keys in batch row 0 (5
+# blocks, the last one partly) and to none in row 1, NaN in the unfilled slots.
+MOSAIC_FILL, MOSAIC_SLOTS = 300, 640
+
+
+def _mosaic_cache(slots):
+    """q ``[2, 1, 8, 64]``, the cache's first ``slots`` slots ``[2, slots, 2, 64]`` and the keys
+    the query sees, ``vis [2, slots]``, all bf16."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal(s).astype(NP_DTYPES["bfloat16"]) for s in
+               [(2, 1, 8, 64), (2, MOSAIC_SLOTS, 2, 64), (2, MOSAIC_SLOTS, 2, 64)])
+    k[:, MOSAIC_FILL:], v[:, MOSAIC_FILL:] = np.nan, np.nan  # the unfilled slots
+    vis = np.zeros((2, slots), bool)
+    vis[0, :MOSAIC_FILL] = True  # row 1: nothing filled
+    return q, k[:, :slots], v[:, :slots], vis
+
+
+def test_mosaic_flash_reads_only_the_visible_span():
+    """On a Hopper GPU the Mosaic decode kernel deals out only each batch row's span of key
+    blocks with a visible key over its splits (``attention_pallas.block_span``,
+    ``deal_blocks``), as the Pallas split-key kernels do: the 640-slot cache filled to 300
+    keys gives the bits of the same cache cut at 320 slots, though its unfilled slots hold
+    NaN, and the row with nothing filled gives zeros. Reading all 10 blocks in the static
+    splits (5 a split) would put the 5 visible ones in one split, where the span deals
+    them 3 + 2: flash numerics round p against each split's running max, so the bits
+    differ (the mutant below). Elsewhere the kernel is refused, naming the GPU."""
+    from kernels.attention_mosaic import mosaic_decode  # the real kernel: num_splits fixed, so both caches split alike
+
+    q, k, v, vis = _mosaic_cache(MOSAIC_SLOTS)
+    run = functools.partial(mosaic_decode, scale=0.125, num_splits=2)
+    if not_hopper():
+        with pytest.raises(ValueError, match=r"mosaic_decode needs a Hopper GPU"):
+            run(q, k, v, jnp.asarray(vis))
+        return
+    full = np.asarray(run(q, k, v, jnp.asarray(vis)).astype(jnp.float32))
+    qc, kc, vc, vis_c = _mosaic_cache(320)
+    short = np.asarray(run(qc, kc, vc, jnp.asarray(vis_c)).astype(jnp.float32))
+    assert np.isfinite(full).all() and np.all(full[1] == 0.0)
+    np.testing.assert_array_equal(full, short)
+
+
+def test_mosaic_visible_span_test_catches_a_kernel_that_reads_every_block(monkeypatch):
+    """The mutant: every batch row's span the whole cache (the kernel as it was: every block
+    read, in the static splits). On a Hopper GPU its bits differ from the cut cache's, so
+    ``test_mosaic_flash_reads_only_the_visible_span`` fails it. Elsewhere, where the kernel
+    cannot run, the mutant's span is checked to differ from the real one for that cache."""
+    import kernels.attention_pallas as kp
+
+    real = kp.block_span
+
+    def every_block(ok, *, block_k):
+        b, s = ok.shape
+        return jnp.broadcast_to(jnp.array([0, -(-s // block_k)], jnp.int32), (b, 2))  # [B, 2]: every block
+
+    vis = jnp.asarray(_mosaic_cache(MOSAIC_SLOTS)[3])
+    if not_hopper():
+        assert real(vis, block_k=64).tolist() == [[0, 5], [10, 0]]  # row 1: no block
+        assert every_block(vis, block_k=64).tolist() == [[0, 10], [0, 10]]
+        return
+    monkeypatch.setattr(kp, "block_span", every_block)
+    jax.clear_caches()  # the kernel is traced again with the mutant
+    try:
+        with pytest.raises(AssertionError, match="not equal"):
+            test_mosaic_flash_reads_only_the_visible_span()
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()

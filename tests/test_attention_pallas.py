@@ -251,6 +251,30 @@ def test_visible_span_test_catches_a_kernel_that_reads_every_block(monkeypatch):
         jax.clear_caches()
 
 
+def test_deal_blocks_partitions_the_span():
+    """``deal_blocks`` gives each split one run of the span, in split order, the runs
+    covering ``[first, first + nb)`` once with nothing outside it (0 blocks for a split past
+    the end or an empty span), and with the whole padded cache as the span (``nb =
+    n_split * steps``) the static splits. ``block_span`` finds a row's first and last
+    visible key's blocks, and 0 blocks for a row with none."""
+    from kernels.attention_pallas import block_span, deal_blocks
+
+    for n_split in (1, 2, 3, 8):
+        for first in (0, 5):
+            for nb in range(0, 3 * n_split + 2):
+                runs = [tuple(int(x) for x in deal_blocks(jnp.int32(first), jnp.int32(nb), j, n_split=n_split))
+                        for j in range(n_split)]
+                covered = [b for start, count in runs for b in range(start, start + count)]
+                assert covered == list(range(first, first + nb)), (n_split, first, nb, runs)
+        steps = 3
+        assert [tuple(int(x) for x in deal_blocks(jnp.int32(0), jnp.int32(n_split * steps), j, n_split=n_split))
+                for j in range(n_split)] == [(j * steps, steps) for j in range(n_split)]
+    ok = np.zeros((3, 100), bool)
+    ok[0, 17:40] = True  # keys 17..39: blocks 1..2 of 16
+    ok[1, [0, 99]] = True  # blocks 0 and 6: the span is 0..6
+    assert block_span(jnp.asarray(ok), block_k=16).tolist() == [[1, 2], [0, 7], [6, 0]]
+
+
 def test_default_blocks_agree():
     """The default 64x64 blocks, launched heavy first (clamped to the padded T and S: 1 x 2
     tiles here), agree too, and so do the split-key kernel's defaults (block_k 64, 128
