@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from kernels._dot import host_has_avx512
+from kernels._dot import host_has_avx512_fp16
 from kernels.projection import lm_head
 from oracles.mutants.projection import grad_summed_sequentially
 
@@ -82,7 +82,7 @@ def main() -> None:
         row["split_over_plain_time"] = row["split_ms"] / row["plain_ms"]
         print(json.dumps(row))
         rows.append(row)
-    out = {"cpu": _cpu_name(), "avx512": host_has_avx512(), "cpus": os.cpu_count(), "jax": jax.__version__,
+    out = {"cpu": _cpu_name(), "avx512_fp16": host_has_avx512_fp16(), "cpus": os.cpu_count(), "jax": jax.__version__,
            "torch": torch.__version__, "rounds": args.rounds, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -27,8 +27,8 @@ reproduces HF's bits, and their float32 sums are far more precise than the bf16/
 rounding that follows. The exception is float16 with at most 8 rows, whose order
 torch's CPU kernels were probed for (FPRev) and which the CPU path reproduces: one row
 in 64 lanes (``_f16_row``), 2-8 rows in sequential blocks of 512 or 1024 terms on an
-AVX-512 host and in the one-row lanes on an AVX2 host (``_f16_rows``, ``host_has_avx512``:
-torch's order depends on the host); bit-exact with torch from K = 64 to 18944, where XLA's own order
+AVX-512 host with a native float16 ISA and in the one-row lanes elsewhere (``_f16_rows``,
+``host_has_avx512_fp16``: torch's order depends on the host); bit-exact with torch from K = 64 to 18944, where XLA's own order
 differed on up to 0.7% of outputs and left float16 SwiGLU up to 3 ulps (36% of one
 fuzzed case's outputs) off. The chunk count depends only on static shapes, so a
 compiled function has one fixed summation order.
@@ -123,27 +123,31 @@ def _f16_row(x, w, *, w_contract):
 
 
 # torch's CPU matmul of 2 to 64 float16 rows (probed the same way, K from 128 to 18944):
-# on an AVX-512 host, each output summed sequentially within blocks of F16_BLOCK_SMALL
+# on an Intel AVX-512 host, each output summed sequentially within blocks of F16_BLOCK_SMALL
 # terms when K <= 1024, else F16_BLOCK terms, the block sums added in order. On an AVX2
 # host (torch's CPU capability "avx2": session 20, an AMD EPYC without AVX-512) the rows
 # take the one-row order instead, 64 lanes added pairwise: bit-exact at K = 64, 896, 1152
-# and 4864 over 6 rows, where every blocked order left 0.07-1.3% of outputs off.
+# and 4864 over 6 rows, where every blocked order left 0.07-1.3% of outputs off. So does an
+# AMD EPYC with AVX-512 but no AVX512-FP16 (session 24: torch capability "AVX512", bit-exact
+# in the lanes at 7 shapes x 2-8 rows, the blocks 0.08-0.8% off): the blocked order is
+# oneDNN's float16 matmul, which torch takes only on a CPU with a native float16 ISA.
 F16_BLOCK_SMALL, F16_BLOCK = 512, 1024
 
 
 @functools.cache
-def host_has_avx512() -> bool:
-    """Whether torch's CPU kernels run their AVX-512 versions on this host: the flags torch's
-    "avx512" capability needs (avx512f, bw, vl, dq) in /proc/cpuinfo, and
-    ``ATEN_CPU_CAPABILITY`` (torch's own override) naming none below it. The override can
-    only lower the capability: torch ignores one the host lacks (measured: "avx512" on this
+def host_has_avx512_fp16() -> bool:
+    """Whether torch's float16 matmul of a few rows takes oneDNN's blocked order on this host:
+    the flags torch's "avx512" capability needs (avx512f, bw, vl, dq) and a native float16
+    ISA (avx512_fp16 or amx_fp16, which oneDNN's float16 matmul needs) in /proc/cpuinfo, and
+    ``ATEN_CPU_CAPABILITY`` (torch's own override) naming none below "avx512". The override
+    can only lower the capability: torch ignores one the host lacks (measured: "avx512" on an
     AVX2 host left torch in its AVX2 order). Read once, at trace time: it picks the float16
     summation order that reproduces torch's on this host. Not reproduced: torch's scalar
     kernels (``ATEN_CPU_CAPABILITY=default``), whose order differs from both."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        has = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        has = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags and bool({"avx512_fp16", "amx_fp16"} & flags)
     except OSError:
         has = True  # no cpuinfo to read (not Linux): the order probed first
     cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
@@ -152,13 +156,14 @@ def host_has_avx512() -> bool:
 
 def _f16_rows(x, w):
     """A few float16 rows times ``w[K, N]`` in torch's order on this host; float32 ``[..., N]``:
-    blocked sequential on an AVX-512 host, 64 lanes otherwise (``F16_BLOCK`` above).
+    blocked sequential on an AVX-512 host with a native float16 ISA, 64 lanes otherwise
+    (``F16_BLOCK`` above).
 
     Products of two float16 are exact in float32 (an FMA contraction changes nothing);
     the loops fix the order of the adds (XLA's own small matmul differs from torch on
     ~0.2% of outputs).
     """
-    return _f16_blocks(x, w) if host_has_avx512() else _f16_lane_rows(x, w)
+    return _f16_blocks(x, w) if host_has_avx512_fp16() else _f16_lane_rows(x, w)
 
 
 def _f16_blocks(x, w):

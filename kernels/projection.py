@@ -26,20 +26,66 @@ bias and rounding; bf16/f16, the shapes it tiles). The default is ``"mosaic"`` w
 device is a Hopper GPU and the call fits it: no float32 round trip through memory.
 ``lm_head`` has the same two (the mosaic GEMM reads its ``[V, D]`` weight in place too); its
 default takes the mosaic GEMM for model-dtype logits only (see :func:`lm_head`).
+
+A third, ``"pallas"`` (``kernels.linear_pallas``), is a GEMV for at most 8 rows (a decode
+step), the same recipe with another float32 summation order. It is ``linear``'s default on a
+CUDA GPU for bf16/f16 weights whose K is 2048-4096 long and N at most 8192 wide (:func:`pallas_preferred`), where
+XLA's one-pass column reduction leaves most SMs idle: the 7B q/o projection of a decode step
+in 12.6 us against 23.2 (benchmarks/results/probe_gemv_h100.json).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import dtype_name, dtype_option, require_choice, require_float
+from kernels._checks import dtype_name, dtype_option, require_choice, require_float, require_gpu
 from kernels._dot import dot_f32
 
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 LOGITS_DTYPES = (None, "float32")
-IMPLEMENTATIONS = ("xla", "mosaic")  # linear's and lm_head's; see linear(), lm_head()
+IMPLEMENTATIONS = ("xla", "mosaic", "pallas")  # linear's and lm_head's; see linear(), lm_head()
 W_LAYOUTS = ("DV", "VD")  # lm_head's weight: [D, V] (the kernels' [in, out]) or [V, D] (nn.Linear's, a tied table)
+
+
+# linear's default takes the Pallas GEMV for at most PALLAS_ROWS rows where PALLAS_MIN_K <= K <=
+# PALLAS_MAX_K and N <= PALLAS_MAX_N (pallas_preferred).
+PALLAS_ROWS, PALLAS_MIN_K, PALLAS_MAX_K, PALLAS_MAX_N = 8, 2048, 4096, 8192
+
+
+def pallas_preferred(x_shape, w_shape, dtype) -> bool:
+    """Whether ``linear``'s default takes the Pallas GEMV on a GPU: bf16/f16, at most
+    ``PALLAS_ROWS`` rows, ``PALLAS_MIN_K`` <= K <= ``PALLAS_MAX_K`` and N <= ``PALLAS_MAX_N``.
+
+    Why there (H100, one row, bf16, results/probe_gemv_h100.json, in turns): XLA compiles a
+    few-row dot to a column reduction over K, in one pass where K <= 4096, each program
+    owning a slice of N; with N narrow, few programs read a long K each. The GEMV splits K to
+    fill the GPU: 7B q/o (K = N = 3584) 12.6 us against 23.2, k/v (N = 512) 5.6 against 10.8.
+    Where N is wide XLA is as fast or faster (7B gate, N = 18944: 49.0 against 50.6 us, and in
+    a model XLA fuses gate and up into one kernel); past K = 4096 XLA splits K itself (7B down,
+    K = 18944: 51.8 against 57.4; 0.5B down, K = 4864: 6.8 against 7.6). At K = 896 (0.5B) both
+    take 4.5-9 us, launch-bound, within 20% either way, so XLA stays. The whole 7B decode step
+    with its q/k/v/o on the GEMV: 6536 us against 7470 (1.14x); a first rule without the
+    bound on K also took the down projections, and the 0.5B step ran 1711 us against 1648.
+    """
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or len(w_shape) != 2:
+        return False
+    k, n = w_shape
+    return math.prod(x_shape[:-1]) <= PALLAS_ROWS and PALLAS_MIN_K <= k <= PALLAS_MAX_K and n <= PALLAS_MAX_N
+
+
+def _pallas(x, w, b, *, w_layout, out_dtype, op, reference):
+    """The Pallas GEMV (kernels.linear_pallas), differentiated as ``reference`` (the XLA path):
+    a pallas_call has no transpose rule (kernels._grad)."""
+    from kernels._grad import with_derivative_of
+    from kernels.linear_pallas import pallas_linear
+
+    def fast(x, w, *b):
+        return pallas_linear(x, w, *b, w_layout=w_layout, out_dtype=out_dtype, op=op)
+
+    return with_derivative_of(fast, reference)(x, w, *(() if b is None else (b,)))
 
 
 def _same_dtype(op: str, name: str, a, x) -> None:
@@ -68,7 +114,11 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
         ``"mosaic"`` where JAX's default device is a Hopper GPU and the call fits it (with
         ``precision="highest"``), else ``"xla"``. On an H100 the 7B gate/up projection
         takes 0.68 ms either as cuBLAS or ``"mosaic"``, 0.86 ms as ``"xla"``
-        (benchmarks/results/probe_mosaic_gemm_h100.json).
+        (benchmarks/results/probe_mosaic_gemm_h100.json). ``"pallas"``
+        (``kernels.linear_pallas``: a GEMV for at most 8 rows, a decode step's; the same
+        recipe in another float32 summation order; CUDA GPU, ValueError elsewhere) is also
+        the default on a CUDA GPU where :func:`pallas_preferred` says so (bf16/f16, K long,
+        N narrow: the 7B q/k/v/o projections of a decode step, 1.8-1.9x XLA's).
 
     Returns:
       ``[..., O]`` in ``x.dtype``.
@@ -86,16 +136,27 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
         if b.shape != (w.shape[1],):
             raise ValueError(f"linear: b must have shape [O] = ({w.shape[1]},), got {tuple(b.shape)}")
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="linear")
+    if implementation in ("mosaic", "pallas") and precision != "highest":
+        raise ValueError(f"linear: precision={precision!r} applies to implementation='xla' (the {implementation} "
+                         f"kernel always sums in float32)")
+    if implementation == "pallas":
+        require_gpu("pallas", op="linear", module="kernels.linear_pallas.pallas_linear")
+        return _pallas(x, w, b, w_layout="KN", out_dtype=None, op="linear",
+                       reference=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
     if implementation != "xla":
         from kernels.linear_mosaic import mosaic_linear, why_not
 
         if implementation == "mosaic":
-            if precision != "highest":
-                raise ValueError(f"linear: precision={precision!r} applies to implementation='xla' (the mosaic "
-                                 f"GEMM always sums bf16/f16 products in float32)")
             return mosaic_linear(x, w, b)
         if precision == "highest" and not why_not(x.shape, w.shape, x.dtype):  # it fits
             return mosaic_linear(x, w, b)
+        if precision == "highest" and pallas_preferred(x.shape, w.shape, x.dtype):  # a few-row GEMV on a GPU
+            def pallas(x, w, *b):
+                return _pallas(x, w, b[0] if b else None, w_layout="KN", out_dtype=None, op="linear",
+                               reference=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
+
+            return jax.lax.platform_dependent(x, w, *(() if b is None else (b,)), cuda=pallas,
+                                              default=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
     if precision == "highest":
         acc = dot_f32(x, w)  # f32 [..., O], the accurate float32 accumulation (kernels._dot)
     else:  # an explicit opt-in to a lower precision: XLA's plain matmul at that precision
@@ -139,6 +200,10 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
         (a float32 GEMM, then a convert) at 7B, 0.99-1.00 against 0.55 at 0.5B; float32
         logits at 0.97 against 1.02-1.03 (7B) and 0.83 against 0.97 (0.5B): the float32
         tile's stores hold up the next block's K loop, which cuBLAS's epilogue does not.
+        ``"pallas"`` (``kernels.linear_pallas``, the GEMV of :func:`linear` for at most 8
+        rows, the weight read in place; CUDA GPU) is opt-in only: XLA reads a one-row head
+        as fast or faster (H100, Qwen2.5 heads: 87.0 against 91.2 us at 0.5B, 341.0 against
+        360.3 at 7B, results/probe_gemv_h100.json).
 
     Returns:
       ``[..., V]`` logits in ``h.dtype`` or float32.
@@ -154,6 +219,11 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
             f"D = {h.shape[-1] if h.ndim else '?'} (last dim of h {tuple(h.shape)}), got {tuple(w.shape)}"
         )
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="lm_head")
+    if implementation == "pallas":
+        require_gpu("pallas", op="lm_head", module="kernels.linear_pallas.pallas_linear")
+        return _pallas(h, w, None, w_layout="KN" if w_layout == "DV" else "NK", out_dtype=logits_dtype, op="lm_head",
+                       reference=lambda h, w: lm_head(h, w, logits_dtype=logits_dtype, w_layout=w_layout,
+                                                      implementation="xla"))
     if implementation != "xla":
         from kernels.linear_mosaic import mosaic_linear, why_not
 

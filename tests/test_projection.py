@@ -15,6 +15,7 @@ from kernels.linear_mosaic import mosaic_linear
 from kernels.projection import linear as k_linear
 from kernels.projection import lm_head as k_lm_head
 from oracles.arrays import TORCH_DTYPES, to_torch
+from oracles.compare import judge_parity, require
 from oracles.projection import RECIPES, _inputs
 from oracles.projection import linear as o_linear
 from oracles.projection import lm_head as o_lm_head
@@ -228,7 +229,8 @@ def test_lm_head_vd_contracts_the_weight_in_place():
 @pytest.mark.parametrize("layout", ["row", "row-table", "rows"], ids=["1-row-w[K,N]", "1-row-table[N,K]", "6-rows"])
 def test_float16_rows_sum_in_torch_order(k, n, layout):
     """Few float16 rows: kernels/_dot.py's CPU branches for them equal torch's nn.Linear bit
-    for bit (one row: 64 lanes; 2-8 rows: blocks of 512 or 1024 terms; XLA's own matmul
+    for bit (one row: 64 lanes; 2-8 rows: blocks of 512 or 1024 terms on a host with a
+    native float16 ISA, the lanes elsewhere, kernels._dot.host_has_avx512_fp16; XLA's own matmul
     differs on up to 0.7% of these outputs). The branches are called directly, so the
     property is the same on any backend."""
     from kernels._dot import _f16_row, _f16_rows
@@ -287,13 +289,13 @@ def test_lm_head_f32_logits_are_float32_and_unrounded():
         (lambda: k_linear(jnp.zeros((2, 64), jnp.int32), jnp.zeros((64, 8))), r"x must have a floating dtype.*got int32"),
         (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), precision="tf32"), r"precision must be one of"),
         (lambda: mosaic_linear(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16), semantics="thread"), r"linear: semantics must be one of \['warpgroup', 'lane'\], got 'thread'"),
-        (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), implementation="cublas"), r"implementation must be one of \[None, 'xla', 'mosaic'\], got 'cublas'"),
+        (lambda: k_linear(jnp.zeros((2, 64)), jnp.zeros((64, 8)), implementation="cublas"), r"implementation must be one of \[None, 'xla', 'mosaic', 'pallas'\], got 'cublas'"),
         (lambda: k_linear(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16), precision="default", implementation="mosaic"), r"precision='default' applies to implementation='xla'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((100, 64))), r"w must have shape \[D, V\] \(w_layout='DV'\) with D = 64.*got \(100, 64\)"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="VD"), r"w must have shape \[V, D\] \(w_layout='VD'\) with D = 64.*got \(64, 100\)"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), w_layout="vd"), r"w_layout must be one of \['DV', 'VD'\], got 'vd'"),
         (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), logits_dtype="bfloat16"), r"logits_dtype must be one of \[None, 'float32'\], got 'bfloat16'"),
-        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), implementation="cublas"), r"lm_head: implementation must be one of \[None, 'xla', 'mosaic'\], got 'cublas'"),
+        (lambda: k_lm_head(jnp.zeros((2, 64)), jnp.zeros((64, 100)), implementation="cublas"), r"lm_head: implementation must be one of \[None, 'xla', 'mosaic', 'pallas'\], got 'cublas'"),
     ],
 )
 def test_bad_input_raises_value_error(fn, match):
@@ -461,3 +463,156 @@ def test_logits_dtype_takes_any_dtype_like():
         np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match=r"logits_dtype must be one of \[None, 'float32'\], got 'bfloat16'"):
         k_lm_head(h, w, logits_dtype=jnp.bfloat16)
+
+
+# --- the Pallas GEMV (kernels.linear_pallas): a decode step's few rows -------------------------
+
+# (rows, K, N, w_layout, bias, out_dtype, splits): both layouts, 1 / 3 / 8 rows, K and N not multiples
+# of the blocks (masked tails), K split in 3 (float32 partials added after the kernel), float32 logits.
+GEMV_CASES = [(1, 3584, 512, "KN", True, None, None), (3, 200, 72, "KN", True, None, 3), (8, 96, 130, "KN", False, None, 1),
+              (1, 896, 300, "NK", False, None, None), (2, 130, 96, "NK", False, "float32", 2),
+              (1, 100, 1000, "NK", False, "float32", None)]
+
+
+def _gemv_inputs(rows, k, n, w_layout, bias, dtype, seed=7):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-1, 1, (rows, 1)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n) if w_layout == "KN" else (n, k)) / np.sqrt(k), dtype)
+    b = jnp.asarray(rng.standard_normal(n) * 3, dtype) if bias else None
+    return x, w, b
+
+
+def _gemv_vs_xla(tolerances, dtype, case, **kw):
+    """The Pallas GEMV (compiled on a GPU, interpret mode elsewhere: the same kernel program)
+    against the XLA path of its op, held to that op's budget on the GPU, where the GEMV runs:
+    parity with the XLA path's outputs, and accuracy against the float64 truth beside the XLA
+    path's own error. (The CPU budgets hold the XLA path to torch's CPU summation order, bit
+    for bit in float16, which a GPU kernel's order has no reason to meet.)"""
+    from kernels.linear_pallas import pallas_linear
+    from oracles.compare import judge_accuracy
+
+    rows, k, n, layout, bias, out_dtype, splits = case
+    x, w, b = _gemv_inputs(rows, k, n, layout, bias, dtype)
+    if layout == "KN":
+        recipe, ref = "linear", k_linear(x, w, b, implementation="xla")
+    else:
+        recipe = "lm_head_f32" if out_dtype else "lm_head"
+        ref = k_lm_head(x, w, w_layout="VD", logits_dtype=out_dtype, implementation="xla")
+    got = pallas_linear(x, w, b, w_layout=layout, out_dtype=out_dtype, splits=splits,
+                        interpret=backend() != "gpu", op="linear" if layout == "KN" else "lm_head", **kw)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    wk = np.asarray(w, np.float64) if layout == "KN" else np.asarray(w, np.float64).T  # [K, N]
+    truth = np.asarray(x, np.float64) @ wk + (0.0 if b is None else np.asarray(b, np.float64))
+    budget = tolerances.lookup("projection", dtype, "gpu", recipe)
+    out_dt = jnp.dtype(ref.dtype).name
+    g, r = np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32))
+    # Float32 outputs are two float32 sums in different orders: they part by many ulps where
+    # terms cancel (measured in interpret mode, whose lane sum is XLA's sequential reduce: 768
+    # ulps on one output of a 1 x 896 x 300 float32 head), so they are held to accuracy alone.
+    js = [judge_accuracy(g, r, truth, dtype=out_dt, budget=budget.accuracy)]
+    if out_dt != "float32":
+        js.append(judge_parity(g, r, dtype=out_dt, budget=budget.parity))
+    require(js,
+            header=f"pallas GEMV vs xla {recipe} [{dtype}, {case}] ({budget.key_path}): ", reproducer="")
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pallas_gemv_within_budget_of_xla_path(tolerances, dtype, case):
+    """kernels.linear_pallas (the GPU default for a decode step's long-K, narrow-N projections)
+    against the XLA path, held to the op's own GPU budget: the recipe is the same (float32
+    products and sums, the bias in float32, one rounding), only the float32 summation order
+    differs (block_k lanes, then splits)."""
+    _gemv_vs_xla(tolerances, dtype, case)
+
+
+@pytest.mark.parametrize("mutant", ["bias_dropped", "last_k_step_dropped"])
+def test_pallas_gemv_budget_catches_a_mutant(tolerances, monkeypatch, mutant):
+    """The test above can fail: with the epilogue's bias left out, or with each split's last K
+    step dropped, the kernel is outside the budget."""
+    import kernels.linear_pallas as lp
+
+    if mutant == "bias_dropped":
+        monkeypatch.setattr(lp, "_epilogue", lambda y, bias, dt: y.astype(dt))
+    else:
+        real = lp._kernel
+        monkeypatch.setattr(lp, "_kernel", lambda *refs, k_steps, **kw: real(*refs, k_steps=k_steps - 1, **kw))
+    jax.clear_caches()  # the jitted _call must trace the mutant
+    try:
+        with pytest.raises(AssertionError, match="pallas GEMV vs xla linear"):
+            _gemv_vs_xla(tolerances, "bfloat16", GEMV_CASES[1])
+    finally:
+        jax.clear_caches()
+
+
+def test_pallas_preferred_takes_long_k_narrow_n():
+    """linear's GPU default takes the GEMV where XLA's one-pass column reduction was measured
+    slow (the 7B q/k/v/o of a decode step), not where XLA was as fast (wide N, a K XLA splits
+    itself, the 0.5B's short K), not beyond 8 rows, and never for float32."""
+    from kernels.projection import pallas_preferred
+
+    bf16 = jnp.bfloat16
+    assert pallas_preferred((1, 1, 3584), (3584, 3584), bf16)  # 7B q/o
+    assert pallas_preferred((8, 3584), (3584, 512), jnp.float16)  # 7B k/v, a batch of 8
+    assert not pallas_preferred((9, 3584), (3584, 512), bf16)  # a GEMM's rows
+    assert not pallas_preferred((1, 3584), (3584, 18944), bf16)  # 7B gate/up: XLA as fast
+    assert not pallas_preferred((1, 18944), (18944, 3584), bf16)  # 7B down: XLA splits K itself
+    assert not pallas_preferred((1, 4864), (4864, 896), bf16)  # 0.5B down: likewise
+    assert not pallas_preferred((1, 896), (896, 896), bf16)  # 0.5B: launch-bound either way
+    assert not pallas_preferred((1, 3584), (3584, 512), jnp.float32)  # float32 stays on XLA
+
+
+def test_linear_default_traces_the_gemv_for_the_gpu_only():
+    """implementation=None on a preferred shape: the GEMV is the CUDA branch of a
+    platform_dependent (a pallas_call in the traced program), and off a GPU the XLA path runs,
+    with its bits; a shape it does not prefer has no pallas_call at all."""
+    x, w, b = _gemv_inputs(1, 2048, 256, "KN", True, jnp.bfloat16)
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x, w, b: k_linear(x, w, b))(x, w, b))
+    x2, w2, _ = _gemv_inputs(1, 896, 256, "KN", False, jnp.bfloat16)
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x, w: k_linear(x, w))(x2, w2))
+    if backend() != "gpu":
+        np.testing.assert_array_equal(np.asarray(k_linear(x, w, b), np.float32),
+                                      np.asarray(k_linear(x, w, b, implementation="xla"), np.float32))
+
+
+@pytest.mark.parametrize("recipe", ["linear", "lm_head"])
+def test_pallas_gemv_gradient_is_the_xla_paths(recipe):
+    """On a GPU: jax.vjp through implementation="pallas" is the XLA path's, to the bit
+    (kernels._grad). Elsewhere the call is refused, naming the GPU and the way out."""
+    from oracles.gradients import seeded_vjp
+    from oracles.projection import drive
+
+    layout = "DV" if recipe == "linear" else "VD"
+    x, w, b = _gemv_inputs(2, 2048, 384, "KN" if layout == "DV" else "NK", recipe == "linear", jnp.bfloat16)
+    args = (x, w) if b is None else (x, w, b)
+
+    def run(implementation):
+        return lambda x, w, b=None: drive(x, w, b, recipe=recipe, w_layout=layout, implementation=implementation)
+
+    if backend() != "gpu":
+        with pytest.raises(ValueError, match=rf"{recipe}: implementation='pallas' needs a CUDA GPU .*interpret=True"):
+            run("pallas")(*args)
+        return
+    got, want = seeded_vjp(run("pallas"), *args), seeded_vjp(run("xla"), *args)
+    for name, g, r in zip(("x", "w", "b"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"{recipe}: d{name}")
+
+
+def test_pallas_gemv_refuses_what_it_cannot_take():
+    """Named ValueErrors, never a silent fallback: more than 8 rows, a tiling that is not a
+    power of two, a weight that does not contract with x, a layout it does not know."""
+    from kernels.linear_pallas import pallas_linear
+
+    x, w, _ = _gemv_inputs(1, 64, 32, "KN", False, jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"lm_head: implementation='pallas' needs at most 8 rows, a decode step's \(got 9"):
+        pallas_linear(jnp.zeros((3, 3, 64), jnp.bfloat16), w, interpret=True, op="lm_head")
+    with pytest.raises(ValueError, match=r"linear: block_n must be a power of two, got 48"):
+        pallas_linear(x, w, block_n=48, interpret=True)
+    with pytest.raises(ValueError, match=r"linear: splits must be an int >= 1, got 0"):
+        pallas_linear(x, w, splits=0, interpret=True)
+    with pytest.raises(ValueError, match=r"linear: w \(32, 64\) \(KN\) does not contract with x \(1, 64\)"):
+        pallas_linear(x, w.T, interpret=True)
+    with pytest.raises(ValueError, match=r"linear: w_layout must be one of \['KN', 'NK'\], got 'DV'"):
+        pallas_linear(x, w, w_layout="DV", interpret=True)
+    with pytest.raises(ValueError, match=r"linear: precision='default' applies to implementation='xla' \(the pallas"):
+        k_linear(x, w, precision="default", implementation="pallas")
