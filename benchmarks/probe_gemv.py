@@ -21,6 +21,11 @@ kernel an XLA reduce fusion of 387 us a step.
   filled) with every projection on XLA, and as the code is (``linear``'s GPU default takes
   the GEMV where ``kernels.projection.pallas_preferred`` says), compiled ahead of time each,
   in turns.
+
+Result (H100, 2026-11-23, results/probe_gemv_h100.json, copy 3005 GB/s): 7B q/o 23.2 / 22.0 us on
+XLA (0.37-0.39 of copy) against 12.6 / 12.5 on the GEMV, k/v 10.8 against 5.5; gate, down and
+the lm_head faster on XLA (0.93, 0.87, 1.06 of copy). The 7B step 6537.7 us against 7474.9
+(1.143x); 0.5B 1640.1 against 1644.9. Reading: benchmarks/README.md (session 24).
 """
 
 from __future__ import annotations
@@ -253,7 +258,7 @@ def _step(model, best, args, torch, in_turns):
         print(model, v, f"{out[v]['us']:.1f} us, {out[v]['kernels']} kernels, logits diff "
               f"{out[v]['logits_diff_frac']:.4f}", flush=True)
     out["faster_shapes"] = [list(key) for key in best.get("faster", {})]
-    out["default_gemv_kernels"] = steps["default"].as_text().count("linear_pallas")
+    out["default_hlo_linear_pallas_mentions"] = steps["default"].as_text().count("linear_pallas")
     hlo = steps["xla"].as_text()
     out["xla_top_fusions"] = {}
     for name in out["xla"]["top_kernels_s"] or {}:  # the HLO of the largest kernels: which op each is

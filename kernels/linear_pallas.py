@@ -128,7 +128,7 @@ def _call(x2, w, b, *, w_layout, out_dtype, block_n, block_k, splits, num_warps,
     return _epilogue(acc, None if b is None else b.astype(jnp.float32)[None, :], out_dtype)  # bias in f32
 
 
-def why_not(x_shape, w_shape, dtype, *, w_layout: str = "KN") -> str:
+def why_not(x_shape, dtype) -> str:
     """Why :func:`pallas_linear` cannot take this call ("" when it can): the rows and dtype."""
     if jnp.dtype(dtype) not in DTYPES:
         return f"float32/bfloat16/float16 inputs (got {jnp.dtype(dtype).name})"
@@ -187,7 +187,7 @@ def pallas_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, w_l
     """
     if w_layout not in W_LAYOUTS:
         raise ValueError(f"{op}: w_layout must be one of {list(W_LAYOUTS)}, got {w_layout!r}")
-    lacks = why_not(x.shape, w.shape, x.dtype, w_layout=w_layout)
+    lacks = why_not(x.shape, x.dtype)
     if lacks:
         raise ValueError(f"{op}: implementation='pallas' needs {lacks}")
     k = x.shape[-1]
@@ -206,5 +206,5 @@ def pallas_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, w_l
     rows = math.prod(x.shape[:-1])
     out = _call(x.reshape(rows, k), w, b, w_layout=w_layout, out_dtype=out_dtype, block_n=block_n,
                 block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
-                interpret=bool(interpret))  # [rows, N]
+                interpret=bool(interpret))  # x as [rows, K]; out [rows, N]
     return out.reshape(*x.shape[:-1], n)  # [..., N]
