@@ -101,7 +101,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    best = {}
+    faster = []  # the (K, N, layout) where the GEMV beat XLA
     shapes = SMOKE if args.smoke else {m: SHAPES[m] for m in args.models.split(",")}
     for model, rows in shapes.items():
         for name, k, n, lay, has_bias in rows:
@@ -170,9 +170,8 @@ def main(argv=None):
                 fast = min((lab for lab in good if lab != "xla"), key=lambda lab: row["sides"][lab]["us"])
                 row["fastest_pallas"] = fast
                 row["xla_over_pallas"] = row["sides"]["xla"]["us"] / row["sides"][fast]["us"]
-                best.setdefault("all", {})[(k, n, lay)] = fns[fast].keywords["cfg"]
                 if row["xla_over_pallas"] > 1:
-                    best.setdefault("faster", {})[(k, n, lay)] = fns[fast].keywords["cfg"]
+                    faster.append([k, n, lay])
                 print(f"{model} {name} [{k}x{n} {lay}] xla {row['sides']['xla']['us']:.2f} us "
                       f"({row['sides']['xla']['of_copy']:.3f}); {fast} {row['sides'][fast]['us']:.2f} us "
                       f"({row['sides'][fast]['of_copy']:.3f}): {row['xla_over_pallas']:.3f}x; "
@@ -184,30 +183,25 @@ def main(argv=None):
             del ins, progs, outs
     if args.step and not args.smoke:
         for model in shapes:
-            res["steps"].append(_step(model, best, args, torch, in_turns))
+            res["steps"].append(_step(model, faster, args, torch, in_turns))
             save()
     save()
 
 
-def _step(model, best, args, torch, in_turns):
+def _step(model, faster, args, torch, in_turns):
     """The whole decode step with every projection on XLA, and as the code is (the GEMV where
     linear's GPU default takes it), in turns."""
     import jax
     import jax.numpy as jnp
 
     from kernels import projection as P
-    from kernels.linear_pallas import pallas_linear
     from kernels.models import qwen2 as M
     from oracles.diverge import preset
+    from probe_model_decode import random_params
 
     cfg = M.Config.from_hf(preset(model))
     key = jax.random.PRNGKey(0)
-    state = {}
-    for i, (hf_name, shape) in enumerate(M.expected_shapes(cfg).items()):  # random weights, on the device
-        w = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * (shape[-1] ** -0.5)
-        state[hf_name] = (1.0 + 0.3 * w if "norm" in hf_name else w).astype(jnp.bfloat16)
-    params = M.params_from_hf(state, cfg, jnp.bfloat16)
-    del state
+    params = random_params(cfg, key)
     S = 32768
     shape = (1, S, cfg.num_key_value_heads, cfg.head_dim)  # [B, S, K, H] a layer
     kv = {n: [jax.random.normal(jax.random.fold_in(key, 10_000 * (j + 1) + i), shape, jnp.bfloat16)
@@ -257,7 +251,7 @@ def _step(model, best, args, torch, in_turns):
                   "argmax_same": bool(jnp.argmax(logits[v]) == jnp.argmax(logits["xla"]))}
         print(model, v, f"{out[v]['us']:.1f} us, {out[v]['kernels']} kernels, logits diff "
               f"{out[v]['logits_diff_frac']:.4f}", flush=True)
-    out["faster_shapes"] = [list(key) for key in best.get("faster", {})]
+    out["faster_shapes"] = faster
     out["default_hlo_linear_pallas_mentions"] = steps["default"].as_text().count("linear_pallas")
     hlo = steps["xla"].as_text()
     out["xla_top_fusions"] = {}

@@ -36,6 +36,21 @@ import sys
 from pathlib import Path
 
 
+def random_params(cfg, key):
+    """The Qwen2 model's parameters for ``cfg``, random (normal, fan-in scaled; norms near 1),
+    bf16, made on the device: the whole-step probes' weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.models import qwen2 as M
+
+    state = {}
+    for i, (hf_name, shape) in enumerate(M.expected_shapes(cfg).items()):
+        w = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * (shape[-1] ** -0.5)
+        state[hf_name] = (1.0 + 0.3 * w if "norm" in hf_name else w).astype(jnp.bfloat16)
+    return M.params_from_hf(state, cfg, jnp.bfloat16)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -69,12 +84,7 @@ def main(argv=None):
     for name in args.models.split(","):
         cfg = M.Config.from_hf(preset(name))
         key = jax.random.PRNGKey(0)
-        state = {}
-        for i, (hf_name, shape) in enumerate(M.expected_shapes(cfg).items()):  # random weights, on the device
-            w = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * (shape[-1] ** -0.5)
-            state[hf_name] = (1.0 + 0.3 * w if "norm" in hf_name else w).astype(jnp.bfloat16)
-        params = M.params_from_hf(state, cfg, jnp.bfloat16)
-        del state
+        params = random_params(cfg, key)
         shape = (1, S, cfg.num_key_value_heads, cfg.head_dim)  # [B, S, K, H] a layer
         kv = {"k": [jax.random.normal(jax.random.fold_in(key, 10_000 + i), shape, jnp.bfloat16)
                     for i in range(cfg.num_hidden_layers)],

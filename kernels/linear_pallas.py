@@ -194,6 +194,10 @@ def pallas_linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, w_l
     kw, n = w.shape if w_layout == "KN" else w.shape[::-1]
     if kw != k:
         raise ValueError(f"{op}: w {tuple(w.shape)} ({w_layout}) does not contract with x {tuple(x.shape)}")
+    for name, a, shape in (("w", w, w.shape), ("b", b, (n,))):
+        if a is not None and (a.dtype != x.dtype or a.shape != shape):
+            raise ValueError(f"{op}: {name} must be {jnp.dtype(x.dtype).name} {shape} (x's dtype), "
+                             f"got {jnp.dtype(a.dtype).name} {tuple(a.shape)}")
     dn, dk, ds, dw = default_blocks(k, n, w_layout=w_layout)
     block_n, block_k, splits, num_warps = (d if v is None else v for v, d in
                                            ((block_n, dn), (block_k, dk), (splits, ds), (num_warps, dw)))

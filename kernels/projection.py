@@ -76,16 +76,16 @@ def pallas_preferred(x_shape, w_shape, dtype) -> bool:
     return math.prod(x_shape[:-1]) <= PALLAS_ROWS and PALLAS_MIN_K <= k <= PALLAS_MAX_K and n <= PALLAS_MAX_N
 
 
-def _pallas(x, w, b, *, w_layout, out_dtype, op, reference):
-    """The Pallas GEMV (kernels.linear_pallas), differentiated as ``reference`` (the XLA path):
-    a pallas_call has no transpose rule (kernels._grad)."""
+def _gemv(*args, w_layout, out_dtype, op, reference):
+    """The Pallas GEMV (kernels.linear_pallas) on ``args = (x, w[, b])``, differentiated as
+    ``reference`` (the XLA path, same arguments): a pallas_call has no transpose rule (kernels._grad)."""
     from kernels._grad import with_derivative_of
     from kernels.linear_pallas import pallas_linear
 
     def fast(x, w, *b):
         return pallas_linear(x, w, *b, w_layout=w_layout, out_dtype=out_dtype, op=op)
 
-    return with_derivative_of(fast, reference)(x, w, *(() if b is None else (b,)))
+    return with_derivative_of(fast, reference)(*args)
 
 
 def _same_dtype(op: str, name: str, a, x) -> None:
@@ -117,8 +117,9 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
         (benchmarks/results/probe_mosaic_gemm_h100.json). ``"pallas"``
         (``kernels.linear_pallas``: a GEMV for at most 8 rows, a decode step's; the same
         recipe in another float32 summation order; CUDA GPU, ValueError elsewhere) is also
-        the default on a CUDA GPU where :func:`pallas_preferred` says so (bf16/f16, K long,
-        N narrow: the 7B q/k/v/o projections of a decode step, 1.8-1.9x XLA's).
+        the default on a CUDA GPU where :func:`pallas_preferred` says so (bf16/f16, at most 8
+        rows, 2048 <= K <= 4096, N <= 8192: the 7B q/k/v/o projections of a decode step,
+        1.8-1.9x XLA's).
 
     Returns:
       ``[..., O]`` in ``x.dtype``.
@@ -139,10 +140,17 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
     if implementation in ("mosaic", "pallas") and precision != "highest":
         raise ValueError(f"linear: precision={precision!r} applies to implementation='xla' (the {implementation} "
                          f"kernel always sums in float32)")
+    args = (x, w) if b is None else (x, w, b)
+
+    def xla(*a):
+        return linear(*a, implementation="xla")
+
+    def gemv(*a):
+        return _gemv(*a, w_layout="KN", out_dtype=None, op="linear", reference=xla)
+
     if implementation == "pallas":
         require_gpu("pallas", op="linear", module="kernels.linear_pallas.pallas_linear")
-        return _pallas(x, w, b, w_layout="KN", out_dtype=None, op="linear",
-                       reference=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
+        return gemv(*args)
     if implementation != "xla":
         from kernels.linear_mosaic import mosaic_linear, why_not
 
@@ -151,12 +159,7 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, precision:
         if precision == "highest" and not why_not(x.shape, w.shape, x.dtype):  # it fits
             return mosaic_linear(x, w, b)
         if precision == "highest" and pallas_preferred(x.shape, w.shape, x.dtype):  # a few-row GEMV on a GPU
-            def pallas(x, w, *b):
-                return _pallas(x, w, b[0] if b else None, w_layout="KN", out_dtype=None, op="linear",
-                               reference=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
-
-            return jax.lax.platform_dependent(x, w, *(() if b is None else (b,)), cuda=pallas,
-                                              default=lambda x, w, *b: linear(x, w, *b, implementation="xla"))
+            return jax.lax.platform_dependent(*args, cuda=gemv, default=xla)
     if precision == "highest":
         acc = dot_f32(x, w)  # f32 [..., O], the accurate float32 accumulation (kernels._dot)
     else:  # an explicit opt-in to a lower precision: XLA's plain matmul at that precision
@@ -221,9 +224,9 @@ def lm_head(h: jax.Array, w: jax.Array, *, logits_dtype: str | None = None, w_la
     require_choice("implementation", implementation, (None, *IMPLEMENTATIONS), op="lm_head")
     if implementation == "pallas":
         require_gpu("pallas", op="lm_head", module="kernels.linear_pallas.pallas_linear")
-        return _pallas(h, w, None, w_layout="KN" if w_layout == "DV" else "NK", out_dtype=logits_dtype, op="lm_head",
-                       reference=lambda h, w: lm_head(h, w, logits_dtype=logits_dtype, w_layout=w_layout,
-                                                      implementation="xla"))
+        return _gemv(h, w, w_layout="KN" if w_layout == "DV" else "NK", out_dtype=logits_dtype, op="lm_head",
+                     reference=lambda h, w: lm_head(h, w, logits_dtype=logits_dtype, w_layout=w_layout,
+                                                    implementation="xla"))
     if implementation != "xla":
         from kernels.linear_mosaic import mosaic_linear, why_not
 

@@ -422,31 +422,38 @@ def test_forward_mode_through_the_split_matmul(tolerances, w_layout):
             np.testing.assert_array_equal(np.asarray(ty), np.asarray(f(t)))
 
 
+def _gradient_is_the_xla_paths(recipe, implementation, args, refused):
+    """jax.vjp through ``implementation`` equals the XLA path's, to the bit, for x, w and the
+    bias, on the GPU; elsewhere the call raises ValueError matching ``refused``."""
+    from oracles.gradients import seeded_vjp
+    from oracles.projection import drive
+
+    layout = "DV" if recipe == "linear" else "VD"
+
+    def run(impl):
+        return lambda x, w, b=None: drive(x, w, b, recipe=recipe, w_layout=layout, implementation=impl)
+
+    if backend() != "gpu":
+        with pytest.raises(ValueError, match=refused):
+            run(implementation)(*args)
+        return
+    got, want = seeded_vjp(run(implementation), *args), seeded_vjp(run("xla"), *args)
+    for name, g, r in zip(("x", "w", "b"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"{recipe}: d{name}")
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_mosaic_gradient_is_the_xla_paths(recipe):
     """On a Hopper GPU, where the mosaic GEMM is the default for bf16/f16 projections: jax.vjp
     through it is the XLA path's, to the bit, for x, w and the bias (kernels._grad; a pallas_call
     has no transpose rule). Elsewhere the call is refused, naming the Hopper GPU."""
-    from oracles.gradients import seeded_vjp
-    from oracles.projection import drive
-
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((256, 896)), jnp.bfloat16)
     layout = "DV" if recipe == "linear" else "VD"
     w = jnp.asarray(rng.standard_normal((896, 1024) if layout == "DV" else (1024, 896)) * 0.03, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal(1024), jnp.bfloat16) if recipe == "linear" else None
     args = (x, w) if b is None else (x, w, b)
-
-    def run(implementation):
-        return lambda x, w, b=None: drive(x, w, b, recipe=recipe, w_layout=layout, implementation=implementation)
-
-    if backend() != "gpu":
-        with pytest.raises(ValueError, match=r"implementation='mosaic' needs a Hopper GPU"):
-            run("mosaic")(*args)
-        return
-    got, want = seeded_vjp(run("mosaic"), *args), seeded_vjp(run("xla"), *args)
-    for name, g, r in zip(("x", "w", "b"), got, want):
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"{recipe}: d{name}")
+    _gradient_is_the_xla_paths(recipe, "mosaic", args, r"implementation='mosaic' needs a Hopper GPU")
 
 
 def test_logits_dtype_takes_any_dtype_like():
@@ -579,28 +586,16 @@ def test_linear_default_traces_the_gemv_for_the_gpu_only():
 def test_pallas_gemv_gradient_is_the_xla_paths(recipe):
     """On a GPU: jax.vjp through implementation="pallas" is the XLA path's, to the bit
     (kernels._grad). Elsewhere the call is refused, naming the GPU and the way out."""
-    from oracles.gradients import seeded_vjp
-    from oracles.projection import drive
-
-    layout = "DV" if recipe == "linear" else "VD"
-    x, w, b = _gemv_inputs(2, 2048, 384, "KN" if layout == "DV" else "NK", recipe == "linear", jnp.bfloat16)
+    x, w, b = _gemv_inputs(2, 2048, 384, "KN" if recipe == "linear" else "NK", recipe == "linear", jnp.bfloat16)
     args = (x, w) if b is None else (x, w, b)
-
-    def run(implementation):
-        return lambda x, w, b=None: drive(x, w, b, recipe=recipe, w_layout=layout, implementation=implementation)
-
-    if backend() != "gpu":
-        with pytest.raises(ValueError, match=rf"{recipe}: implementation='pallas' needs a CUDA GPU .*interpret=True"):
-            run("pallas")(*args)
-        return
-    got, want = seeded_vjp(run("pallas"), *args), seeded_vjp(run("xla"), *args)
-    for name, g, r in zip(("x", "w", "b"), got, want):
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), err_msg=f"{recipe}: d{name}")
+    _gradient_is_the_xla_paths(recipe, "pallas", args,
+                               rf"{recipe}: implementation='pallas' needs a CUDA GPU .*interpret=True")
 
 
 def test_pallas_gemv_refuses_what_it_cannot_take():
     """Named ValueErrors, never a silent fallback: more than 8 rows, a tiling that is not a
-    power of two, a weight that does not contract with x, a layout it does not know."""
+    power of two, a weight that does not contract with x, a bias or weight of the wrong shape
+    or dtype, a layout it does not know."""
     from kernels.linear_pallas import pallas_linear
 
     x, w, _ = _gemv_inputs(1, 64, 32, "KN", False, jnp.bfloat16)
@@ -612,6 +607,10 @@ def test_pallas_gemv_refuses_what_it_cannot_take():
         pallas_linear(x, w, splits=0, interpret=True)
     with pytest.raises(ValueError, match=r"linear: w \(32, 64\) \(KN\) does not contract with x \(1, 64\)"):
         pallas_linear(x, w.T, interpret=True)
+    with pytest.raises(ValueError, match=r"linear: b must be bfloat16 \(32,\) \(x's dtype\), got bfloat16 \(31,\)"):
+        pallas_linear(x, w, jnp.zeros((31,), jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match=r"linear: w must be bfloat16 \(64, 32\) \(x's dtype\), got float32"):
+        pallas_linear(x, w.astype(jnp.float32), interpret=True)
     with pytest.raises(ValueError, match=r"linear: w_layout must be one of \['KN', 'NK'\], got 'DV'"):
         pallas_linear(x, w, w_layout="DV", interpret=True)
     with pytest.raises(ValueError, match=r"linear: precision='default' applies to implementation='xla' \(the pallas"):
