@@ -197,15 +197,13 @@ def _step(model, faster, args, torch, in_turns):
     from kernels import projection as P
     from kernels.models import qwen2 as M
     from oracles.diverge import preset
-    from probe_model_decode import random_params
+    from probe_model_decode import random_kv, random_params
 
     cfg = M.Config.from_hf(preset(model))
     key = jax.random.PRNGKey(0)
     params = random_params(cfg, key)
     S = 32768
-    shape = (1, S, cfg.num_key_value_heads, cfg.head_dim)  # [B, S, K, H] a layer
-    kv = {n: [jax.random.normal(jax.random.fold_in(key, 10_000 * (j + 1) + i), shape, jnp.bfloat16)
-              for i in range(cfg.num_hidden_layers)] for j, n in enumerate(("k", "v"))}
+    kv = random_kv(cfg, key, S)
     ids = jnp.ones((1, 1), jnp.int32)  # [B, T]
 
     def xla_linear(x, w, b=None, **kw):

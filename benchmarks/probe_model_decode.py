@@ -51,6 +51,17 @@ def random_params(cfg, key):
     return M.params_from_hf(state, cfg, jnp.bfloat16)
 
 
+def random_kv(cfg, key, slots):
+    """A random bf16 KV cache of ``slots`` slots a layer: ``{"k": [...], "v": [...]}``, each
+    ``[1, slots, K, H]``; the whole-step probes' cache contents."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = (1, slots, cfg.num_key_value_heads, cfg.head_dim)  # [B, S, K, H] a layer
+    return {n: [jax.random.normal(jax.random.fold_in(key, 10_000 * (j + 1) + i), shape, jnp.bfloat16)
+                for i in range(cfg.num_hidden_layers)] for j, n in enumerate(("k", "v"))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -85,11 +96,7 @@ def main(argv=None):
         cfg = M.Config.from_hf(preset(name))
         key = jax.random.PRNGKey(0)
         params = random_params(cfg, key)
-        shape = (1, S, cfg.num_key_value_heads, cfg.head_dim)  # [B, S, K, H] a layer
-        kv = {"k": [jax.random.normal(jax.random.fold_in(key, 10_000 + i), shape, jnp.bfloat16)
-                    for i in range(cfg.num_hidden_layers)],
-              "v": [jax.random.normal(jax.random.fold_in(key, 20_000 + i), shape, jnp.bfloat16)
-                    for i in range(cfg.num_hidden_layers)]}
+        kv = random_kv(cfg, key, S)
         ids = jnp.ones((1, 1), jnp.int32)  # [B, T]
 
         steps = {}

@@ -324,14 +324,17 @@ def decoder_layer(lp: dict, h: jax.Array, cos, sin, *, cfg: Config, layer: int, 
     for name, inputs, fn in layer_steps(lp, cos, sin, cfg=cfg, layer=layer, q_positions=q_positions,
                                         kv_positions=kv_positions, kv_valid=kv_valid, kv_update=kv_update,
                                         kv_out=kv_out):
-        env[name] = _tap(taps, name, fn(*(env[i] for i in inputs)), inject, layer)
+        with jax.named_scope(f"layers.{layer}.{name}"):  # the component's name in HLO metadata and profiles
+            env[name] = _tap(taps, name, fn(*(env[i] for i in inputs)), inject, layer)
     return env["mlp_residual"], kv_out["kv"]
 
 
 def _head(params, cfg: Config, h, *, logits_dtype, taps, inject):
-    h = _tap(taps, "final_norm", rms_norm(h, params["norm"], eps=cfg.rms_norm_eps), inject, None)
+    with jax.named_scope("final_norm"):
+        h = _tap(taps, "final_norm", rms_norm(h, params["norm"], eps=cfg.rms_norm_eps), inject, None)
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]  # [V, D] either way
-    logits = lm_head(h, w, w_layout="VD", logits_dtype=logits_dtype)  # reads [V, D] in place
+    with jax.named_scope("logits"):
+        logits = lm_head(h, w, w_layout="VD", logits_dtype=logits_dtype)  # reads [V, D] in place
     return _tap(taps, "logits", logits, inject, None)
 
 
@@ -411,8 +414,10 @@ def _step(params, cache, input_ids, *, cfg: Config, logits_dtype):
     positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
     kv_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))  # [B, S]
     kv_valid = kv_positions < start + t  # unfilled slots are masked, never attended
-    h = embed(input_ids, params["embed"])
-    cos, sin = rope_tables(cfg, positions, h.dtype, seq_len=None)
+    with jax.named_scope("embedding"):
+        h = embed(input_ids, params["embed"])
+    with jax.named_scope("rope_tables"):
+        cos, sin = rope_tables(cfg, positions, h.dtype, seq_len=None)
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
         def write(k, v, i=i):  # this step's keys and values into slots start .. start+T-1
