@@ -144,13 +144,13 @@ def test_forward_rejects_float_ids():
 def test_decode_step_names_every_component_in_its_hlo():
     """Each component runs under ``jax.named_scope``, so the compiled step's ops name it (what a
     profile shows and benchmarks/probe_step_census.py reads): every layer component of every
-    layer, and the head."""
+    layer, the embedding and the head."""
     cfg, _, params = _params("qwen2", "float32")
     cache = M.init_cache(cfg, 1, 16, jnp.float32)
     hlo = jax.jit(M._step, static_argnames=("cfg", "logits_dtype")).lower(
         params, cache, jnp.zeros((1, 1), jnp.int32), cfg=cfg, logits_dtype=None).as_text(debug_info=True)
     want = [f"layers.{i}.{c}" for i in range(cfg.num_hidden_layers) for c in M.LAYER_COMPONENTS]
-    missing = [n for n in want + ["final_norm", "logits"] if f"{n}/" not in hlo]
+    missing = [n for n in want + ["embedding", "final_norm", "logits"] if f"{n}/" not in hlo]
     assert not missing, f"components not named in the step's HLO: {missing}"
 
 

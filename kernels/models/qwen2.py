@@ -350,8 +350,10 @@ def forward_taps(params: dict, input_ids: jax.Array, *, cfg: Config, positions=N
     b, t = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    h = _tap(taps, "embedding", embed(input_ids, params["embed"]), inject, None)
-    cos, sin = rope_tables(cfg, positions, h.dtype, seq_len=t)
+    with jax.named_scope("embedding"):
+        h = _tap(taps, "embedding", embed(input_ids, params["embed"]), inject, None)
+    with jax.named_scope("rope_tables"):
+        cos, sin = rope_tables(cfg, positions, h.dtype, seq_len=t)
     for i, lp in enumerate(params["layers"]):
         h, _ = decoder_layer(lp, h, cos, sin, cfg=cfg, layer=i, q_positions=positions, kv_positions=positions,
                              kv_valid=kv_valid, taps=taps, inject=inject)
