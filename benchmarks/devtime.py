@@ -23,15 +23,10 @@ import time
 GAP_US = 1000  # kernels closer than this belong to one call (calls are 2 ms apart)
 
 
-def device_span(torch, call, sync, group: int = 1, calls: int = 5, top: int = 4) -> dict:
-    """Median device seconds per application of ``call(i)`` (``group`` applications a call).
-
-    ``sync(out)`` waits for a call's result. Returns ``span_s`` (the median span / group),
-    ``spans_s``, ``busy_s`` (summed kernel durations / group), ``kernels_per_app`` and
-    ``top_kernels_s`` (the ``top`` largest by summed duration); or ``{"error": ...}`` when
-    the trace does not split into one kernel group per call (a call with a pause over 1 ms
-    inside, or no kernels at all).
-    """
+def traced_calls(torch, call, sync, calls: int) -> list[list]:
+    """The device kernels of ``calls`` calls of ``call(i)`` (after one untraced warm call), as
+    torch.profiler events in time order, grouped by the 2 ms pause after each call (one group
+    a call, unless a call pauses over ``GAP_US`` inside or launches nothing)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(call(0))  # warm: nothing of a first call (allocation, autotuning) in the trace
@@ -47,6 +42,19 @@ def device_span(torch, call, sync, group: int = 1, calls: int = 5, top: int = 4)
             groups[-1].append(e)
         else:
             groups.append([e])
+    return groups
+
+
+def device_span(torch, call, sync, group: int = 1, calls: int = 5, top: int = 4) -> dict:
+    """Median device seconds per application of ``call(i)`` (``group`` applications a call).
+
+    ``sync(out)`` waits for a call's result. Returns ``span_s`` (the median span / group),
+    ``spans_s``, ``busy_s`` (summed kernel durations / group), ``kernels_per_app`` and
+    ``top_kernels_s`` (the ``top`` largest by summed duration); or ``{"error": ...}`` when
+    the trace does not split into one kernel group per call (a call with a pause over 1 ms
+    inside, or no kernels at all).
+    """
+    groups = traced_calls(torch, call, sync, calls)
     if len(groups) != calls:
         return {"error": f"{len(groups)} kernel groups in the trace for {calls} calls"}
     spans = [(g[-1].time_range.end - g[0].time_range.start) * 1e-6 / group for g in groups]

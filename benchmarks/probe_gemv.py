@@ -196,14 +196,10 @@ def _step(model, faster, args, torch, in_turns):
 
     from kernels import projection as P
     from kernels.models import qwen2 as M
-    from oracles.diverge import preset
-    from probe_model_decode import random_kv, random_params
+    from probe_model_decode import step_inputs
 
-    cfg = M.Config.from_hf(preset(model))
-    key = jax.random.PRNGKey(0)
-    params = random_params(cfg, key)
     S = 32768
-    kv = random_kv(cfg, key, S)
+    cfg, params, kv = step_inputs(model, S)
     ids = jnp.ones((1, 1), jnp.int32)  # [B, T]
 
     def xla_linear(x, w, b=None, **kw):

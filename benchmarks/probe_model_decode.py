@@ -62,6 +62,23 @@ def random_kv(cfg, key, slots):
                 for i in range(cfg.num_hidden_layers)] for j, n in enumerate(("k", "v"))}
 
 
+def step_inputs(model: str, slots: int, *, layers: int | None = None):
+    """``(cfg, params, kv)`` for a whole-step probe: the Qwen2.5 config ``model`` (``layers``
+    of them, if given), its random weights and a random cache of ``slots`` slots (key 0)."""
+    import dataclasses
+
+    import jax
+
+    from kernels.models import qwen2 as M
+    from oracles.diverge import preset
+
+    cfg = M.Config.from_hf(preset(model))
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
+    key = jax.random.PRNGKey(0)
+    return cfg, random_params(cfg, key), random_kv(cfg, key, slots)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -83,7 +100,6 @@ def main(argv=None):
     import kernels.attention_pallas as kp
     from devtime import device_span, in_turns
     from kernels.models import qwen2 as M
-    from oracles.diverge import preset
 
     spec = importlib.util.spec_from_file_location("attention_pallas_before", args.before)
     before = importlib.util.module_from_spec(spec)
@@ -93,10 +109,7 @@ def main(argv=None):
     fills = [512, S // 2, S - 64]
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "slots": S, "before": args.before, "rows": []}
     for name in args.models.split(","):
-        cfg = M.Config.from_hf(preset(name))
-        key = jax.random.PRNGKey(0)
-        params = random_params(cfg, key)
-        kv = random_kv(cfg, key, S)
+        cfg, params, kv = step_inputs(name, S)
         ids = jnp.ones((1, 1), jnp.int32)  # [B, T]
 
         steps = {}

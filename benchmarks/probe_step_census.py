@@ -26,7 +26,6 @@ import gzip
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b(fusion|custom-call)\(")
@@ -84,27 +83,20 @@ def main(argv=None):
     ap.add_argument("--hlo-dir", help="write each model's compiled step here (gzipped HLO text)")
     args = ap.parse_args(argv)
 
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from probe_model_decode import random_kv, random_params
+    from probe_model_decode import step_inputs
 
     from kernels.models import qwen2 as M
-    from oracles.diverge import preset
 
     slots = 256 if args.smoke else args.slots
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "slots": slots, "fill": slots // 2, "models": {}}
     for name in args.models.split(","):
-        cfg = M.Config.from_hf(preset(name))
-        if args.smoke:
-            cfg = dataclasses.replace(cfg, num_hidden_layers=2)
-        key = jax.random.PRNGKey(0)
-        params = random_params(cfg, key)
-        cache = {**random_kv(cfg, key, slots), "length": jnp.int32(slots // 2)}
+        cfg, params, kv = step_inputs(name, slots, layers=2 if args.smoke else None)
+        cache = {**kv, "length": jnp.int32(slots // 2)}
         ids = jnp.ones((1, 1), jnp.int32)  # [B, T]
         step = jax.jit(M._step, static_argnames=("cfg", "logits_dtype"), donate_argnums=(1,)).lower(
             params, cache, ids, cfg=cfg, logits_dtype=None).compile()
@@ -131,28 +123,17 @@ def _trace(step, params, cache, ids, by_kernel, calls) -> dict:
     """One step's kernels on the device's clock (the third of three traced steps)."""
     import jax
     import torch
-    from torch.profiler import ProfilerActivity, profile
+
+    from devtime import traced_calls
 
     state = dict(cache)
 
-    def call():
+    def call(i):
         logits, new = step(params, state, ids)
         state.update(new)  # the donated cache's successor
-        return jax.block_until_ready(logits)
+        return logits
 
-    call()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            call()
-            time.sleep(0.002)  # a gap that separates the steps in the trace
-    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                 key=lambda e: e.time_range.start)
-    groups: list[list] = []
-    for e in evs:
-        if groups and e.time_range.start - groups[-1][-1].time_range.end < 1000:
-            groups[-1].append(e)
-        else:
-            groups.append([e])
+    groups = traced_calls(torch, call, jax.block_until_ready, 3)
     g = groups[-1]
     comps_in_order = name_kernels([e.name for e in g], by_kernel, calls)
     kernels = [{"name": e.name[:80], "component": c,
